@@ -1,0 +1,125 @@
+"""Framing for the file backend's segment and intake files.
+
+A frame is ``magic(4) type(1) length(4) crc32(4) payload``. Frames make a torn tail
+recognisable (a frame whose bytes are not all there yet) and corruption recognisable (a
+complete frame whose checksum fails); after corruption, parsing resynchronises at the
+next complete frame whose checksum holds, so every reader skips exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from typing import Final
+
+import attrs
+
+FRAME_MAGIC: Final = b"\xa7LLF"
+_FRAME = struct.Struct(">4sBII")
+FRAME_HEADER: Final = _FRAME.size
+MAX_FRAME: Final = 256 * 1024 * 1024
+"""Lengths above this are corruption, not data (keeps a bad length from stalling a reader)."""
+
+F_ENTRY: Final = 1
+F_HEADER: Final = 2
+F_SEAL: Final = 3
+F_CLOSED: Final = 4
+F_BAD: Final = 0
+"""Not on disk: what the parser reports for a corrupt region it skipped."""
+_TYPES: Final = frozenset({F_ENTRY, F_HEADER, F_SEAL, F_CLOSED})
+
+
+def frame(ftype: int, payload: bytes) -> bytes:
+    return _FRAME.pack(FRAME_MAGIC, ftype, len(payload), zlib.crc32(payload)) + payload
+
+
+@attrs.frozen
+class Frame:
+    ftype: int
+    offset: int
+    end: int
+    payload: bytes
+
+
+def _valid_at(buf: bytes | memoryview, pos: int) -> int:
+    """End of the valid frame at `pos`, 0 if none, -1 if one may still be being written."""
+    n = len(buf)
+    if n - pos < FRAME_HEADER:
+        return -1 if bytes(buf[pos : pos + 4]) == FRAME_MAGIC[: n - pos] else 0
+    magic, ftype, length, crc = _FRAME.unpack_from(buf, pos)
+    if magic != FRAME_MAGIC or ftype not in _TYPES or length > MAX_FRAME:
+        return 0
+    end = pos + FRAME_HEADER + length
+    if end > n:
+        return -1
+    if zlib.crc32(buf[pos + FRAME_HEADER : end]) != crc:
+        return 0
+    return int(end)
+
+
+def parse(buf: bytes, base: int) -> tuple[list[Frame], int]:
+    """Parse frames from ``buf`` (file bytes starting at file offset ``base``).
+
+    Returns the frames and the offset where parsing stopped: everything before it is
+    decided for good; what follows is an unfinished frame (or nothing). A corrupt region
+    is returned as one F_BAD frame, but only once a valid frame follows it, because until
+    then it may be a frame still being written (or a torn tail a recovering writer will
+    truncate)."""
+    frames: list[Frame] = []
+    pos = 0
+    n = len(buf)
+    mv = memoryview(buf)
+    while pos < n:
+        end = _valid_at(mv, pos)
+        if end > 0:
+            _magic, ftype, _length, _crc = _FRAME.unpack_from(mv, pos)
+            frames.append(Frame(ftype, base + pos, base + end, bytes(mv[pos + FRAME_HEADER : end])))
+            pos = end
+            continue
+        if end < 0:
+            break
+        # Corrupt: look for the next valid frame.
+        nxt = pos + 1
+        found = -1
+        while True:
+            nxt = buf.find(FRAME_MAGIC, nxt)
+            if nxt < 0:
+                break
+            e = _valid_at(mv, nxt)
+            if e > 0:
+                found = nxt
+                break
+            if e < 0:
+                break  # a frame may be arriving there: undecided yet
+            nxt += 1
+        if found < 0:
+            break
+        frames.append(Frame(F_BAD, base + pos, base + found, bytes(mv[pos:found])))
+        pos = found
+    return frames, base + pos
+
+
+CHUNK: Final = 4 * 1024 * 1024
+
+
+def read_frames(fd: int, offset: int, max_bytes: int = CHUNK) -> tuple[list[Frame], int, int]:
+    """Frames from file offset `offset`: (frames, stop offset, file size seen)."""
+    size = os.fstat(fd).st_size
+    if size <= offset:
+        return [], offset, size
+    want = size - offset
+    if want > max_bytes:
+        # Read enough for at least one large frame; the rest waits for the next call.
+        head = os.pread(fd, FRAME_HEADER, offset)
+        if len(head) == FRAME_HEADER:
+            magic, _t, length, _c = _FRAME.unpack(head)
+            if magic == FRAME_MAGIC and length <= MAX_FRAME:
+                want = max(max_bytes, min(want, FRAME_HEADER + length))
+            else:
+                want = size - offset  # corruption: the resync may need the whole rest
+        else:
+            want = max_bytes
+    buf = os.pread(fd, want, offset)
+    frames, stop = parse(buf, offset)
+    return frames, stop, size

@@ -1,0 +1,806 @@
+"""The embedded backend: a ledger is a directory on the local disk.
+
+Layout of a ledger directory::
+
+    LEDGER                      marker with the format version
+    segments/<n>.seg            framed entries; segment 1 heads the chain
+    writer.lock                 flock'ed by the elected writer; its mtime is the lease
+    election.lock               flock'ed by the one standby allowed to campaign
+    intake/<client>.<n>.q       one append-only submission file per client instance
+
+**The segment chain.** Readers start at segment 1 and read frames until the first seal
+frame, which names the next segment. "First seal wins" is the whole safety argument:
+a writer that takes over seals the current tail segment towards a fresh segment of its
+own, and anything a deposed writer appends to its old segment after that seal is
+invisible to every reader, whatever the timing. A writer that rolls to a new segment
+because the old one is full uses the same move, and learns it was deposed if its seal
+was not the first. Every segment starts with a header frame holding the sequencer state
+at that point, so a new writer scans only the tail segment, not the whole ledger.
+
+**Election.** Standbys queue on ``election.lock``; the one holding it takes
+``writer.lock``. A writer refreshes the lock file's mtime as a lease; if the lease is
+older than ``lease_timeout`` (the writer is hung or SIGSTOPped), the candidate replaces
+the lock file with a new one that it locks, so the old writer's lock no longer guards
+anything: it notices before its next append (inode changed), and whatever it appends
+in the race lands after the seal and never counts.
+
+**Intake.** Each client instance appends framed submission batches to its own file and
+fdatasyncs them (group commit) before a submission is acknowledged. The writer tails all
+intake files; the offsets it has consumed travel inside each ledger record (its
+``meta``), so they become durable and visible exactly when the transactions do: a new
+writer resumes from the offsets of the last *visible* record, and nothing acknowledged
+is lost or appended twice by the intake itself (the validator's txn_id dedup covers the
+rest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import structlog
+
+from ledgerlog.backends import _frames as fr
+from ledgerlog.backends.base import (
+    Backend,
+    Entry,
+    IntakeConsumer,
+    IntakeItem,
+    IntakeProducer,
+    LogReader,
+    LogWriter,
+)
+from ledgerlog.errors import (
+    BackendError,
+    ClosedError,
+    ConfigError,
+    FencedError,
+    LedgerNotFoundError,
+    NotElectedError,
+)
+from ledgerlog.model import START, Position
+from ledgerlog.validator import SequencerState
+
+log = structlog.get_logger(__name__)
+
+LEDGER_FORMAT: Final = "ledgerlog-file 1"
+DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_LEASE_TIMEOUT: Final = 10.0
+_CLIENT_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_POLL_MIN: Final = 0.0005
+_POLL_MAX: Final = 0.005
+
+
+def _seg_name(n: int) -> str:
+    return f"{n:012d}.seg"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_client_id(client_id: str) -> str:
+    if not isinstance(client_id, str) or not _CLIENT_RE.match(client_id):
+        raise ConfigError(
+            f"client id {client_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
+        )
+    return client_id
+
+
+class _Backoff:
+    """Polling delay that starts short (latency) and grows while idle (CPU)."""
+
+    def __init__(self) -> None:
+        self.delay = _POLL_MIN
+
+    def reset(self) -> None:
+        self.delay = _POLL_MIN
+
+    def sleep(self, deadline: float) -> bool:
+        """Sleep a little; False once the deadline has passed."""
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        time.sleep(min(self.delay, deadline - now))
+        self.delay = min(self.delay * 2, _POLL_MAX)
+        return True
+
+
+class FileBackend(Backend):
+    """A ledger in a local directory. Any number of processes may open it at once."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        fsync: bool = True,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+    ) -> None:
+        if segment_bytes < 4096:
+            raise ConfigError("segment_bytes must be at least 4096")
+        if lease_timeout <= 0:
+            raise ConfigError("lease_timeout must be positive")
+        self.path = Path(path).absolute()
+        self.ledger = self.path.name
+        self.url = f"file://{self.path}"
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.lease_timeout = lease_timeout
+        marker = self.path / "LEDGER"
+        if not marker.exists():
+            if not create:
+                raise LedgerNotFoundError(f"no ledger at {self.path}")
+            if self.path.exists() and any(self.path.iterdir()):
+                raise ConfigError(f"{self.path} exists and is not a ledgerlog ledger")
+            for sub in ("segments", "intake"):
+                (self.path / sub).mkdir(parents=True, exist_ok=True)
+            tmp = self.path / f".LEDGER.{os.getpid()}.{secrets.token_hex(4)}"
+            tmp.write_text(LEDGER_FORMAT + "\n")
+            os.replace(tmp, marker)
+            if fsync:
+                _fsync_dir(self.path)
+        elif marker.read_text().strip() != LEDGER_FORMAT:
+            raise ConfigError(f"{self.path}: unsupported ledger format {marker.read_text()!r}")
+        self._end_cursor: _ChainCursor | None = None
+        self._closed = False
+
+    def seg_path(self, n: int) -> Path:
+        return self.path / "segments" / _seg_name(n)
+
+    def reader(self, start: Position = START) -> FileLogReader:
+        self._check_open()
+        return FileLogReader(self, start)
+
+    def end(self) -> Position:
+        self._check_open()
+        if self._end_cursor is None:
+            self._end_cursor = _ChainCursor(self, START)
+        cur = self._end_cursor
+        while cur.read(max_entries=1 << 30):
+            pass
+        return Position(cur.segment, max(cur.offset, cur.size_seen))
+
+    def campaign(self, writer_id: str, timeout: float | None = None) -> FileLogWriter:
+        self._check_open()
+        return _campaign(self, writer_id, timeout)
+
+    def intake_producer(self, client_id: str) -> FileIntakeProducer:
+        self._check_open()
+        return FileIntakeProducer(self, check_client_id(client_id))
+
+    def close(self) -> None:
+        if self._end_cursor is not None:
+            self._end_cursor.close()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"backend {self.url} is closed")
+
+
+class _ChainCursor:
+    """Walks the segment chain frame by frame; shared by readers, end() and recovery."""
+
+    def __init__(self, backend: FileBackend, start: Position) -> None:
+        self.backend = backend
+        self.segment = max(start.major, 1)
+        self.offset = start.minor if start.major >= 1 else 0
+        self.size_seen = 0
+        self.stalled = False
+        """The last read found bytes at the tail that do not (yet) form a frame."""
+        self.header: SequencerState | None = None
+        self._fd: int | None = None
+
+    def _open(self) -> bool:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.backend.seg_path(self.segment), os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+        return True
+
+    def read(self, max_entries: int = 1024) -> list[Entry]:
+        """Entries available now, following seals; [] if none."""
+        out: list[Entry] = []
+        while len(out) < max_entries:
+            if not self._open():
+                return out
+            assert self._fd is not None
+            frames, stop, size = fr.read_frames(self._fd, self.offset)
+            self.size_seen = size
+            self.stalled = stop < size
+            sealed_to = 0
+            for f in frames:
+                if f.ftype == fr.F_SEAL:
+                    try:
+                        sealed_to = int(msgspec.msgpack.decode(f.payload)[0])
+                    except (msgspec.DecodeError, ValueError, TypeError, IndexError):
+                        # A seal that does not name a segment cannot be followed; as
+                        # corruption it becomes a malformed entry like any other.
+                        out.append(
+                            Entry(
+                                Position(self.segment, f.offset),
+                                Position(self.segment, f.end),
+                                f.payload,
+                            )
+                        )
+                        self.offset = f.end
+                        continue
+                    break
+                if f.ftype == fr.F_HEADER:
+                    with contextlib.suppress(Exception):
+                        _prev, state = msgspec.msgpack.decode(f.payload)
+                        self.header = SequencerState.from_bytes(state)
+                    self.offset = f.end
+                    continue
+                if f.ftype in (fr.F_ENTRY, fr.F_BAD):
+                    out.append(
+                        Entry(
+                            Position(self.segment, f.offset),
+                            Position(self.segment, f.end),
+                            f.payload,
+                        )
+                    )
+                self.offset = f.end
+                if len(out) >= max_entries:
+                    return out
+            if sealed_to:
+                self._move(sealed_to)
+                continue
+            if not frames or stop >= size:
+                return out
+        return out
+
+    def _move(self, segment: int) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.segment, self.offset, self.size_seen, self.stalled = segment, 0, 0, False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class FileLogReader(LogReader):
+    def __init__(self, backend: FileBackend, start: Position) -> None:
+        self._cursor = _ChainCursor(backend, start)
+        self._closed = False
+
+    @property
+    def position(self) -> Position:
+        return Position(self._cursor.segment, self._cursor.offset)
+
+    def read(self, max_entries: int = 1024, timeout: float = 0.0) -> list[Entry]:
+        if self._closed:
+            raise ClosedError("reader is closed")
+        deadline = time.monotonic() + timeout
+        backoff = _Backoff()
+        while True:
+            out = self._cursor.read(max_entries)
+            if out or not backoff.sleep(deadline):
+                return out
+
+    def caught_up(self, end: Position) -> bool:
+        pos = self.position
+        if pos >= end:
+            return True
+        # Bytes that do not form a frame yet (a torn tail) are not entries: a reader
+        # stopped in front of them has read everything appended before `end`.
+        c = self._cursor
+        return pos.major == end.major and c.stalled and c.size_seen >= end.minor
+
+    def close(self) -> None:
+        self._closed = True
+        self._cursor.close()
+
+
+# -- election -----------------------------------------------------------------------------
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def _campaign(backend: FileBackend, writer_id: str, timeout: float | None) -> FileLogWriter:
+    deadline = float("inf") if timeout is None else time.monotonic() + timeout
+    path = backend.path
+    efd = os.open(path / "election.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while not _try_flock(efd):
+            if time.monotonic() >= deadline:
+                raise NotElectedError(f"{writer_id}: not elected within {timeout}s")
+            time.sleep(0.02)
+        lock_path = path / "writer.lock"
+        while True:
+            lfd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            if _try_flock(lfd):
+                try:
+                    same = os.fstat(lfd).st_ino == os.stat(lock_path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    clean = True
+                    break
+                os.close(lfd)  # replaced under us: try the new one
+                continue
+            try:
+                age = time.time() - os.fstat(lfd).st_mtime
+            except OSError:
+                age = 0.0
+            if age > backend.lease_timeout:
+                os.close(lfd)
+                tmp = path / f"writer.lock.{os.getpid()}.{secrets.token_hex(4)}"
+                lfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fcntl.flock(lfd, fcntl.LOCK_EX)
+                os.replace(tmp, lock_path)
+                log.warning(
+                    "writer lease expired; lock broken",
+                    ledger=backend.ledger,
+                    writer=writer_id,
+                    lease_age_s=round(age, 3),
+                )
+                clean = False
+                break
+            os.close(lfd)
+            if time.monotonic() >= deadline:
+                raise NotElectedError(f"{writer_id}: not elected within {timeout}s")
+            time.sleep(0.02)
+        try:
+            os.ftruncate(lfd, 0)
+            os.pwrite(lfd, f"{writer_id} pid={os.getpid()}\n".encode(), 0)
+            return FileLogWriter(backend, writer_id, lfd, clean=clean)
+        except BaseException:
+            os.close(lfd)
+            raise
+    finally:
+        os.close(efd)  # the next standby may now queue for writer.lock
+
+
+class FileLogWriter(LogWriter):
+    def __init__(self, backend: FileBackend, writer_id: str, lock_fd: int, clean: bool) -> None:
+        self.backend = backend
+        self.writer_id = writer_id
+        self._lock_fd = lock_fd
+        self._lock_ino = os.fstat(lock_fd).st_ino
+        self._fenced = False
+        self._closed = False
+        self._fd: int | None = None
+        self._log = log.bind(ledger=backend.ledger, writer=writer_id)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._beat, name=f"ledgerlog-lease-{writer_id}", daemon=True
+        )
+        self._heartbeat.start()
+        try:
+            self._segment, self._start_state = self._take_over(clean)
+        except BaseException:
+            self.close()
+            raise
+        self._verified = 0  # offset up to which our segment is known to have no seal
+        self._log.info("elected", segment=self._segment)
+
+    # Lease ----------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        interval = self.backend.lease_timeout / 4
+        while not self._stop.wait(interval):
+            try:
+                os.utime(self._lock_fd)
+                if os.stat(self.backend.path / "writer.lock").st_ino != self._lock_ino:
+                    self._fenced = True
+            except OSError:
+                self._fenced = True
+
+    def check(self) -> None:
+        if self._closed:
+            raise ClosedError("writer is closed")
+        if not self._fenced:
+            try:
+                same = os.stat(self.backend.path / "writer.lock").st_ino == self._lock_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                self._fenced = True
+        if self._fenced:
+            raise FencedError(f"writer {self.writer_id} lost {self.backend.ledger}")
+
+    # Segment chain --------------------------------------------------------------------
+
+    def _reserve_segment(self) -> tuple[int, int]:
+        """Create a new, empty segment file with a number above every existing one."""
+        seg_dir = self.backend.path / "segments"
+        while True:
+            nums = [int(p.name[:-4]) for p in seg_dir.glob("*.seg") if p.name[:-4].isdigit()]
+            n = max(nums, default=0) + 1
+            try:
+                fd = os.open(
+                    seg_dir / _seg_name(n), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644
+                )
+                return n, fd
+            except FileExistsError:
+                continue
+
+    def _seal(self, tail: int, nxt: int) -> int:
+        """Append a seal tail -> nxt; return the segment the FIRST seal of `tail` names."""
+        fd = os.open(self.backend.seg_path(tail), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, fr.frame(fr.F_SEAL, msgspec.msgpack.encode([nxt, self.writer_id])))
+            if self.backend.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        return self._first_seal(tail)[0]
+
+    def _first_seal(self, segment: int, start: int = 0) -> tuple[int, int]:
+        """(segment named by the first seal at or after `start`, or 0; offset scanned to)."""
+        fd = os.open(self.backend.seg_path(segment), os.O_RDONLY)
+        try:
+            offset = start
+            while True:
+                frames, stop, _size = fr.read_frames(fd, offset)
+                for f in frames:
+                    if f.ftype == fr.F_SEAL:
+                        return int(msgspec.msgpack.decode(f.payload)[0]), f.offset
+                if not frames:
+                    return 0, offset
+                offset = stop
+        finally:
+            os.close(fd)
+
+    def _truncate_torn_tail(self, segment: int) -> None:
+        fd = os.open(self.backend.seg_path(segment), os.O_RDWR)
+        try:
+            offset = 0
+            while True:
+                frames, stop, size = fr.read_frames(fd, offset)
+                if not frames:
+                    break
+                offset = stop
+            if offset < size:
+                self._log.warning(
+                    "truncating torn tail", segment=segment, at=offset, bytes=size - offset
+                )
+                os.ftruncate(fd, offset)
+                if self.backend.fsync:
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _take_over(self, clean: bool) -> tuple[int, SequencerState]:
+        """Seal the chain's tail towards a fresh segment of ours; return it and the
+        sequencer state at its start."""
+        if not self.backend.seg_path(1).exists():
+            try:
+                fd = os.open(
+                    self.backend.seg_path(1),
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                    0o644,
+                )
+            except FileExistsError:
+                pass
+            else:
+                return self._start_segment(1, fd, SequencerState())
+        # Find the tail: the chain's last segment.
+        cursor = _ChainCursor(self.backend, START)
+        try:
+            while cursor.read(max_entries=1 << 30):
+                pass
+            tail = cursor.segment
+        finally:
+            cursor.close()
+        if clean:
+            # The previous writer is gone (its lock was released), so bytes at the tail
+            # that do not form a frame can only be a torn write of a crash.
+            self._truncate_torn_tail(tail)
+        while True:
+            n, fd = self._reserve_segment()
+            first = self._seal(tail, n)
+            if first == n:
+                break
+            # Someone sealed `tail` first (its writer rolled over): follow the chain.
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.backend.seg_path(n))
+            tail = first
+        state = self._state_through(tail)
+        return self._start_segment(n, fd, state)
+
+    def _state_through(self, segment: int) -> SequencerState:
+        """Sequencer state at the end of `segment` (up to its first seal)."""
+        cursor = _ChainCursor(self.backend, Position(segment, 0))
+        try:
+            state: SequencerState | None = None
+            while True:
+                entries = cursor.read(max_entries=4096)
+                if state is None:
+                    state = cursor.header or SequencerState()
+                for e in entries:
+                    state.advance(e.data)
+                if cursor.segment != segment or not entries:
+                    break
+            assert state is not None
+            return state
+        finally:
+            cursor.close()
+
+    def _start_segment(self, n: int, fd: int, state: SequencerState) -> tuple[int, SequencerState]:
+        os.write(fd, fr.frame(fr.F_HEADER, msgspec.msgpack.encode([0, state.to_bytes()])))
+        if self.backend.fsync:
+            os.fdatasync(fd)
+            _fsync_dir(self.backend.path / "segments")
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        return n, state
+
+    # LogWriter --------------------------------------------------------------------------
+
+    def recovery_point(self) -> tuple[Position, bytes | None]:
+        return Position(self._segment, 0), self._start_state.to_bytes()
+
+    def append(self, entries: Sequence[bytes], state: bytes) -> Position:
+        self.check()
+        assert self._fd is not None
+        buf = b"".join(fr.frame(fr.F_ENTRY, e) for e in entries)
+        try:
+            os.write(self._fd, buf)
+            if self.backend.fsync:
+                os.fdatasync(self._fd)
+            size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise BackendError(f"append to {self.backend.ledger} failed: {exc}") from exc
+        if size >= self.backend.segment_bytes:
+            self._roll(SequencerState.from_bytes(state))
+            return Position(self._segment, os.fstat(self._fd).st_size)
+        return Position(self._segment, size)
+
+    def _roll(self, state: SequencerState) -> None:
+        n, fd = self._reserve_segment()
+        if self._seal(self._segment, n) != n:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.backend.seg_path(n))
+            self._fenced = True
+            raise FencedError(f"writer {self.writer_id}: segment sealed by another writer")
+        self._segment, _ = self._start_segment(n, fd, state)
+        self._verified = 0
+        self._log.info("rolled segment", segment=n)
+
+    def visible(self) -> bool:
+        """True if everything appended so far is visible to readers for good (no seal
+        precedes it). Checked before deleting anything, e.g. consumed intake files."""
+        if self._fd is None:
+            return False
+        seal, self._verified = self._first_seal(self._segment, self._verified)
+        return seal == 0
+
+    def intake(self, meta: bytes) -> FileIntakeConsumer:
+        self.check()
+        return FileIntakeConsumer(self, meta)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._heartbeat.is_alive() and threading.current_thread() is not self._heartbeat:
+            self._heartbeat.join(timeout=1)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        os.close(self._lock_fd)  # releases the flock: a standby takes over
+        self._log.info("resigned")
+
+
+# -- intake -------------------------------------------------------------------------------
+
+
+class FileIntakeProducer(IntakeProducer):
+    """A client's submission file; concurrent submits share one fdatasync."""
+
+    def __init__(self, backend: FileBackend, client_id: str) -> None:
+        self.backend = backend
+        intake = backend.path / "intake"
+        while True:
+            name = f"{client_id}.{secrets.token_hex(4)}.q"
+            try:
+                self._fd = os.open(
+                    intake / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644
+                )
+                break
+            except FileExistsError:
+                continue
+        # Held while the client lives: tells the writer the file may still grow.
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.name = name
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._pending: list[bytes] = []
+        self._batch_no = 0  # number of the batch now collecting
+        self._flushed = 0  # batches up to this number are durable
+        self._flushing = False
+        self._error: BaseException | None = None
+        self._closed = False
+
+    def submit(self, data: bytes, timeout: float | None = None) -> None:
+        with self._cond:
+            if self._closed:
+                raise ClosedError("intake producer is closed")
+            self._pending.append(fr.frame(fr.F_ENTRY, data))
+            mine = self._batch_no
+            while self._flushed <= mine:
+                if self._flushing:
+                    if not self._cond.wait(timeout):
+                        raise BackendError("intake flush timed out")
+                    continue
+                # Become the flusher for everything pending (leader/follower group commit).
+                self._flushing = True
+                buf = b"".join(self._pending)
+                self._pending.clear()
+                batch = self._batch_no
+                self._batch_no += 1
+                self._mutex.release()
+                err: BaseException | None = None
+                try:
+                    os.write(self._fd, buf)
+                    if self.backend.fsync:
+                        os.fdatasync(self._fd)
+                except OSError as exc:
+                    err = exc
+                finally:
+                    self._mutex.acquire()
+                    self._flushing = False
+                    if err is None:
+                        self._flushed = batch + 1
+                    self._cond.notify_all()
+                if err is not None:
+                    raise BackendError(f"intake write failed: {err}") from err
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(OSError):
+            os.write(self._fd, fr.frame(fr.F_CLOSED, b""))
+            if self.backend.fsync:
+                os.fdatasync(self._fd)
+        os.close(self._fd)
+
+
+class FileIntakeConsumer(IntakeConsumer):
+    """Tails every client's intake file from the offsets the ledger says are consumed."""
+
+    _RESCAN_S: Final = 0.05
+
+    def __init__(self, writer: FileLogWriter, meta: bytes) -> None:
+        self.writer = writer
+        self.dir = writer.backend.path / "intake"
+        self._offsets: dict[str, int] = {}
+        if meta:
+            try:
+                self._offsets = {str(k): int(v) for k, v in msgspec.msgpack.decode(meta).items()}
+            except (msgspec.DecodeError, AttributeError, ValueError, TypeError):
+                log.error("unreadable intake offsets in the ledger; rereading all intake files")
+        self._handed = dict(self._offsets)  # offsets handed out, ahead of what is durable
+        self._closed_files: set[str] = set()
+        self._fds: dict[str, int] = {}
+        self._last_scan = 0.0
+        self._last_gc = time.monotonic()
+        self._gc()
+
+    def _scan(self) -> None:
+        self._last_scan = time.monotonic()
+        try:
+            names = sorted(p for p in os.listdir(self.dir) if p.endswith(".q"))
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name not in self._fds:
+                try:
+                    self._fds[name] = os.open(self.dir / name, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                self._handed.setdefault(name, 0)
+
+    def poll(self, max_items: int = 1024, timeout: float = 0.0) -> list[IntakeItem]:
+        deadline = time.monotonic() + timeout
+        backoff = _Backoff()
+        while True:
+            if time.monotonic() - self._last_scan > self._RESCAN_S:
+                self._scan()
+            items: list[IntakeItem] = []
+            # Sorted names: a fixed, fair order; each file's own order is kept.
+            for name in sorted(self._fds):
+                if len(items) >= max_items:
+                    break
+                fd = self._fds[name]
+                frames, _stop, _size = fr.read_frames(fd, self._handed[name], 1 << 20)
+                for f in frames:
+                    if len(items) >= max_items:
+                        break
+                    self._handed[name] = f.end
+                    if f.ftype == fr.F_ENTRY:
+                        items.append(IntakeItem(f.payload, (name, f.end)))
+                    elif f.ftype == fr.F_CLOSED:
+                        self._closed_files.add(name)
+                    elif f.ftype == fr.F_BAD:
+                        log.error(
+                            "skipping corrupt bytes in intake file",
+                            file=name,
+                            offset=f.offset,
+                            bytes=f.end - f.offset,
+                        )
+            if items:
+                return items
+            if time.monotonic() - self._last_gc > 5.0:
+                self._gc()
+            if not backoff.sleep(deadline):
+                return []
+
+    def meta(self, items: Sequence[IntakeItem]) -> bytes:
+        for it in items:
+            name, end = it.token
+            if end > self._offsets.get(name, 0):
+                self._offsets[name] = end
+        return msgspec.msgpack.encode(dict(sorted(self._offsets.items())))
+
+    def _gc(self) -> None:
+        """Delete intake files that are fully in the ledger and whose client is gone."""
+        self._last_gc = time.monotonic()
+        if not self.writer.visible():
+            return
+        try:
+            names = [p for p in os.listdir(self.dir) if p.endswith(".q")]
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = self.dir / name
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if not _try_flock(fd):
+                    continue  # its client still runs
+                size = os.fstat(fd).st_size
+                done = self._offsets.get(name, 0)
+                tail_frames, stop, _ = fr.read_frames(fd, done, 1 << 16)
+                only_close = all(f.ftype == fr.F_CLOSED for f in tail_frames) and stop >= size
+                if done >= size or only_close:
+                    os.unlink(path)
+                    self._offsets.pop(name, None)
+                    self._handed.pop(name, None)
+                    if name in self._fds:
+                        os.close(self._fds.pop(name))
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

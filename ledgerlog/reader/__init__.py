@@ -1,0 +1,351 @@
+"""Readers: tail a ledger, validate every entry, apply what committed to views.
+
+A :class:`Reader` is a replica. It restarts from the checkpoints its views stored with
+their data (never from seq 1 when they have one): it restores the validator state from
+the oldest view's last snapshot, re-validates from there (cheap) and applies to each view
+only the seqs that view does not hold yet, so nothing is applied twice or skipped. When
+it passes a view's checkpoint it checks that its digest equals the one the view stored:
+a replica that would diverge stops with :class:`DivergenceError` instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Final
+
+import msgspec
+import structlog
+
+from ledgerlog import metrics
+from ledgerlog.backends.base import Backend, LogReader
+from ledgerlog.errors import ClosedError, FormatError, LedgerlogError
+from ledgerlog.model import START, Decision, Position
+from ledgerlog.validator import (
+    C_COMMITTED,
+    DEFAULT_WINDOW,
+    EntryResult,
+    ValidatorState,
+    process_entry,
+    to_decision,
+)
+from ledgerlog.views.base import Checkpoint, View
+
+__all__ = ["DivergenceError", "Reader"]
+
+log = structlog.get_logger(__name__)
+
+_REASON_NAMES: Final = ("committed", "conflict", "too_old", "duplicate", "malformed")
+
+
+class DivergenceError(LedgerlogError):
+    """A replica reached a different digest than the one stored with a view's data:
+    the ledger or the view was altered, or determinism broke. Never ignored."""
+
+
+def _pack_snapshot(position: Position, state: bytes) -> bytes:
+    return msgspec.msgpack.encode([position.major, position.minor, state])
+
+
+def _unpack_snapshot(data: bytes) -> tuple[Position, bytes]:
+    try:
+        major, minor, state = msgspec.msgpack.decode(data)
+        return Position(int(major), int(minor)), bytes(state)
+    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        raise FormatError(f"corrupt reader snapshot: {exc}") from exc
+
+
+class Reader:
+    """One replica of a ledger: validates every entry and feeds views, exactly once.
+
+    Use :meth:`poll` to advance by hand, or :meth:`start` to tail in a thread.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        views: Sequence[View] = (),
+        *,
+        window: int = DEFAULT_WINDOW,
+        name: str = "reader",
+        snapshot_every: int | None = None,
+        keep_digests: int = 4096,
+    ) -> None:
+        self.backend = backend
+        self.views = list(views)
+        self.name = name
+        self.window = window
+        self.snapshot_every = snapshot_every or min(window, 50_000)
+        self._log = log.bind(ledger=backend.ledger, reader=name)
+        self._lock = threading.Condition()
+        self._waiters: dict[tuple[str, int], list[Future[Decision]]] = {}
+        self._subscribers: list[Callable[[Sequence[EntryResult]], None]] = []
+        self._digests: deque[tuple[int, bytes]] = deque(maxlen=keep_digests)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self._closed = False
+
+        self.state, start, self._skip, self._expect = self._restore(window)
+        self._log_reader: LogReader = backend.reader(start)
+        self._snapshot = b""
+        self._snapshot_seq = self.state.next_seq
+        self._position = start
+        self.entries_read = 0
+        self._m_commits = metrics.COMMITS.labels(backend.ledger, name)
+        self._m_aborts = [metrics.ABORTS.labels(backend.ledger, name, r) for r in _REASON_NAMES]
+        self._m_rejected = metrics.REJECTED_ENTRIES.labels(backend.ledger, name)
+        self._m_malformed = metrics.MALFORMED_ENTRIES.labels(backend.ledger, name)
+        self._m_applied = metrics.APPLIED_SEQ.labels(backend.ledger, name)
+        self._log.info("reader started", position=str(start), next_seq=self.state.next_seq)
+
+    def _restore(
+        self, window: int
+    ) -> tuple[ValidatorState, Position, list[int], list[tuple[int, bytes] | None]]:
+        cks: list[Checkpoint | None] = [v.checkpoint() for v in self.views]
+        skip = [ck.next_seq if ck else 1 for ck in cks]
+        expect = [(ck.next_seq, ck.digest) if ck else None for ck in cks]
+        snaps = [_unpack_snapshot(ck.validator_state) for ck in cks if ck and ck.validator_state]
+        if self.views and len(snaps) == len(self.views):
+            position, raw = min(snaps, key=lambda s: s[0])
+            state = ValidatorState.restore(raw)
+            if state.window != window:
+                self._log.warning(
+                    "window differs from the checkpoint's; keeping the checkpoint's",
+                    checkpoint_window=state.window,
+                    asked=window,
+                )
+            return state, position, skip, expect
+        return ValidatorState(window), START, skip, expect
+
+    # Properties -----------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq validated (0 before the first transaction)."""
+        return self.state.next_seq - 1
+
+    @property
+    def digest(self) -> bytes:
+        """The state digest after :attr:`last_seq`."""
+        return self.state.digest
+
+    @property
+    def position(self) -> Position:
+        return self._position
+
+    def digest_at(self, seq: int) -> bytes | None:
+        """The digest after `seq`, if it is among the recent record boundaries kept."""
+        for s, d in reversed(self._digests):
+            if s == seq:
+                return d
+            if s < seq:
+                return None
+        return None
+
+    # Reading --------------------------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0, max_entries: int = 1024) -> list[EntryResult]:
+        """Read, validate and apply what is available (waiting up to `timeout`)."""
+        if self._closed:
+            raise ClosedError(f"reader {self.name} is closed")
+        entries = self._log_reader.read(max_entries, timeout)
+        if not entries:
+            return []
+        state = self.state
+        results: list[EntryResult] = []
+        applied: list[tuple[int, object]] = []
+        commits = 0
+        for e in entries:
+            res = process_entry(state, e.data)
+            results.append(res)
+            if res.kind == "record":
+                applied.extend(res.committed)
+                commits += len(res.committed)
+                self._digests.append((state.next_seq - 1, state.digest))
+                self._check_expected()
+            elif res.kind == "rejected":
+                self._m_rejected.inc()
+                self._log.warning("entry rejected", detail=res.detail, epoch=res.epoch)
+            elif res.kind == "malformed":
+                self._m_malformed.inc()
+                self._log.warning("malformed entry", detail=res.detail, at=str(e.position))
+            elif res.kind == "epoch":
+                self._log.info("new epoch", epoch=res.epoch, writer=res.writer_id)
+        position = entries[-1].next
+        self._apply(applied, position)
+        self._position = position
+        self.entries_read += len(entries)
+        self._notify(results, commits)
+        return results
+
+    def _check_expected(self) -> None:
+        for i, exp in enumerate(self._expect):
+            if exp is not None and self.state.next_seq >= exp[0]:
+                self._expect[i] = None
+                if self.state.next_seq == exp[0] and self.state.digest != exp[1]:
+                    raise DivergenceError(
+                        f"reader {self.name}: digest at seq {exp[0] - 1} is "
+                        f"{self.state.digest.hex()}, view {self.views[i].name} stored "
+                        f"{exp[1].hex()}"
+                    )
+
+    def _apply(self, applied: list[tuple[int, object]], position: Position) -> None:
+        if not self.views:
+            return
+        state = self.state
+        snapshot = b""
+        if state.next_seq - self._snapshot_seq >= self.snapshot_every or not self._snapshot:
+            snapshot = _pack_snapshot(position, state.snapshot())
+            self._snapshot = snapshot
+            self._snapshot_seq = state.next_seq
+        ck = Checkpoint(position, state.next_seq, state.digest, snapshot)
+        for i, view in enumerate(self.views):
+            floor = self._skip[i]
+            if floor > 1:
+                part = [a for a in applied if a[0] >= floor]
+                if state.next_seq >= floor:
+                    self._skip[i] = 1
+            else:
+                part = applied
+            view.apply(part, ck)  # type: ignore[arg-type]
+
+    def _notify(self, results: list[EntryResult], commits: int) -> None:
+        self._m_commits.inc(commits)
+        self._m_applied.set(self.state.next_seq - 1)
+        aborts = [0] * len(_REASON_NAMES)
+        with self._lock:
+            waiters = self._waiters
+            for res in results:
+                if res.kind != "record":
+                    continue
+                for o in res.outcomes:
+                    code = o[2]
+                    if code != C_COMMITTED:
+                        aborts[code] += 1
+                    if waiters and o[1] in waiters:
+                        d = to_decision(o)
+                        for fut in waiters.pop(o[1]):
+                            if not fut.done():
+                                fut.set_result(d)
+            self._lock.notify_all()
+        for code, n in enumerate(aborts):
+            if n:
+                self._m_aborts[code].inc(n)
+        for fn in self._subscribers:
+            fn(results)
+
+    # Waiting --------------------------------------------------------------------------
+
+    def watch(self, client_id: str, client_seq: int) -> Future[Decision]:
+        """A future for the final decision of a transaction id (register before submit)."""
+        fut: Future[Decision] = Future()
+        with self._lock:
+            self._waiters.setdefault((client_id, client_seq), []).append(fut)
+        return fut
+
+    def unwatch(self, client_id: str, client_seq: int, fut: Future[Decision]) -> None:
+        with self._lock:
+            lst = self._waiters.get((client_id, client_seq))
+            if lst and fut in lst:
+                lst.remove(fut)
+                if not lst:
+                    del self._waiters[(client_id, client_seq)]
+
+    def subscribe(self, fn: Callable[[Sequence[EntryResult]], None]) -> None:
+        """Call `fn` with the results of every batch (from the reading thread)."""
+        self._subscribers.append(fn)
+
+    def wait_for_seq(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until seq `seq` has been validated and applied; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self.state.next_seq <= seq:
+                self._raise_if_failed()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if self._thread is None:
+                    self._lock.release()
+                    try:
+                        self.poll(timeout=min(remaining or 0.05, 0.05))
+                    finally:
+                        self._lock.acquire()
+                else:
+                    self._lock.wait(min(remaining or 0.1, 0.1))
+            return True
+
+    def sync(self, timeout: float | None = None) -> int:
+        """Wait until everything appended before this call has been applied; returns the
+        last seq then. Reads after it are strictly serializable."""
+        end = self.backend.end()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._raise_if_failed()
+                if self._log_reader.caught_up(end) and self._position >= self._log_reader.position:
+                    return self.last_seq
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"reader {self.name} did not reach {end} in {timeout}s")
+                if self._thread is not None:
+                    self._lock.wait(0.05)
+                    continue
+            self.poll(timeout=0.01)
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise LedgerlogError(f"reader {self.name} stopped: {self.error}") from self.error
+
+    def catch_up(self, timeout: float | None = None) -> int:
+        """:meth:`sync` for a reader without a thread: poll until the ledger's end."""
+        return self.sync(timeout)
+
+    # Thread ---------------------------------------------------------------------------
+
+    def start(self) -> Reader:
+        if self._thread is not None:
+            raise ClosedError("reader already started")
+        self._thread = threading.Thread(
+            target=self._run, name=f"ledgerlog-reader-{self.name}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.poll(timeout=0.05)
+        except BaseException as exc:
+            self.error = exc
+            self._log.exception("reader stopped on an error")
+            with self._lock:
+                for futs in self._waiters.values():
+                    for fut in futs:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                self._waiters.clear()
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        self._closed = True
+        self._log_reader.close()
+        with self._lock:
+            for futs in self._waiters.values():
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_exception(ClosedError(f"reader {self.name} closed"))
+            self._waiters.clear()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

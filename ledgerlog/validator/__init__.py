@@ -1,0 +1,485 @@
+"""The only place that decides.
+
+:func:`validate` is a pure function of (state, transaction bytes, seq): no clock, no
+randomness, no I/O, and no iteration whose order could differ between processes (dicts
+are only looked up, never iterated, on the decision path; histories are ordered by seq).
+Every reader of a ledger runs it over the same bytes in the same order, so every reader
+reaches the same decisions and the same digest. The state is mutated in place for speed;
+``state.snapshot()`` / ``ValidatorState.restore()`` give it as bytes for checkpoints.
+
+Rules, in the order they are applied to a transaction at seq S with read_version R:
+
+1. bytes that do not decode, or break the format's rules, or R >= S: **malformed**;
+2. its txn_id committed earlier inside the window: **duplicate**;
+3. it read something and R < S - 1 - window: **too old** (the writes in (R, S) are no
+   longer all known);
+4. a key it read, or a key inside a range it read, was written by a transaction
+   committed in (R, S): **conflict** (the first such read in the transaction's own order,
+   and for a range the smallest such key);
+5. otherwise **committed**. Blind writes (no reads) skip 3 and 4.
+
+Entries: an epoch start is accepted iff its epoch is above every epoch seen; a record is
+accepted iff its epoch equals the current one and its first_seq is not below the next seq
+(a gap can only come from an entry lost to corruption). A rejected record's transactions
+get a non-final ``stale_epoch`` decision without a seq; undecodable entries get one
+``malformed`` decision without a seq and consume none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import deque
+from typing import Any, Final
+
+import attrs
+import msgspec
+from sortedcontainers import SortedList
+
+from ledgerlog.codec import (
+    OP_PUT,
+    WireEpoch,
+    WireIntake,
+    WireRecord,
+    WireTxn,
+    check_wire_txn,
+    decode_entry,
+    decode_wire_txn,
+)
+from ledgerlog.errors import ConfigError, FormatError
+from ledgerlog.model import AbortReason, Decision, Outcome, TxnId
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "EntryResult",
+    "SequencerState",
+    "ValidatorState",
+    "classify",
+    "process_entry",
+    "to_decision",
+    "validate",
+    "validate_batch",
+]
+
+DEFAULT_WINDOW: Final = 100_000
+"""Seqs of write history kept: read_versions older than this abort as too old."""
+
+GENESIS_DIGEST: Final = bytes(16)
+
+_blake2b = hashlib.blake2b
+_seq_pack = struct.Struct(">QB").pack
+
+
+class ValidatorState:
+    """Everything the decision function remembers; bounded by ``window`` seqs of history."""
+
+    __slots__ = (
+        "_index",
+        "committed",
+        "committed_hist",
+        "digest",
+        "epoch",
+        "history",
+        "last_write",
+        "next_seq",
+        "window",
+        "writer_id",
+    )
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        if not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window must be a positive int of seqs, not {window!r}")
+        self.window = window
+        self.epoch = 0
+        self.writer_id = ""
+        self.next_seq = 1
+        self.digest = GENESIS_DIGEST
+        # key -> seq of the last committed write; pruned as seqs leave the window
+        self.last_write: dict[str, int] = {}
+        self.history: deque[tuple[int, tuple[str, ...]]] = deque()
+        self.committed: dict[tuple[str, int], int] = {}
+        self.committed_hist: deque[tuple[int, tuple[str, int]]] = deque()
+        # Sorted keys of last_write, built on the first range read; output never
+        # depends on whether it exists, only speed does.
+        self._index: SortedList | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq - 1
+
+    def size(self) -> int:
+        """Entries held: the figure that stays bounded by the window."""
+        return len(self.last_write) + len(self.committed) + len(self.history)
+
+    def _prune(self, cutoff: int) -> None:
+        """Forget writes at seqs <= cutoff: no acceptable read_version can conflict with them."""
+        history = self.history
+        last_write = self.last_write
+        index = self._index
+        while history and history[0][0] <= cutoff:
+            seq, keys = history.popleft()
+            for key in keys:
+                if last_write.get(key) == seq:
+                    del last_write[key]
+                    if index is not None:
+                        index.remove(key)
+        hist = self.committed_hist
+        committed = self.committed
+        while hist and hist[0][0] <= cutoff:
+            seq, tid = hist.popleft()
+            if committed.get(tid) == seq:
+                del committed[tid]
+
+    def _range_index(self) -> SortedList:
+        if self._index is None:
+            self._index = SortedList(self.last_write)
+        return self._index
+
+    def snapshot(self) -> bytes:
+        """The state as bytes, identical for identical states in any process."""
+        return msgspec.msgpack.encode(
+            [
+                1,
+                self.window,
+                self.epoch,
+                self.writer_id,
+                self.next_seq,
+                self.digest,
+                [[s, list(k)] for s, k in self.history],
+                [[s, t[0], t[1]] for s, t in self.committed_hist],
+            ]
+        )
+
+    @classmethod
+    def restore(cls, data: bytes) -> ValidatorState:
+        try:
+            v, window, epoch, writer_id, next_seq, digest, hist, chist = msgspec.msgpack.decode(
+                data
+            )
+            if v != 1:
+                raise FormatError(f"unknown validator snapshot version {v}")
+            st = cls(window)
+            st.epoch, st.writer_id, st.next_seq, st.digest = epoch, writer_id, next_seq, digest
+            for s, keys in hist:
+                st.history.append((s, tuple(keys)))
+                for k in keys:
+                    st.last_write[k] = s
+            for s, cid, cseq in chist:
+                st.committed_hist.append((s, (cid, cseq)))
+                st.committed[(cid, cseq)] = s
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            raise FormatError(f"corrupt validator snapshot: {exc}") from exc
+        return st
+
+    def fork(self) -> ValidatorState:
+        return ValidatorState.restore(self.snapshot())
+
+
+def _malformed(seq: int, tid: TxnId | None, detail: str) -> Decision:
+    return Decision(seq, tid, Outcome.ABORTED, AbortReason.MALFORMED, detail=detail)
+
+
+# Outcome codes of the compact per-seq results; also what the digest hashes.
+C_COMMITTED: Final = 0
+C_CONFLICT: Final = 1
+C_TOO_OLD: Final = 2
+C_DUPLICATE: Final = 3
+C_MALFORMED: Final = 4
+_REASONS: Final = (
+    None,
+    AbortReason.CONFLICT,
+    AbortReason.TOO_OLD,
+    AbortReason.DUPLICATE,
+    AbortReason.MALFORMED,
+)
+
+Outcome_ = tuple[int, tuple[str, int] | None, int, str | None, int | None, str | None]
+"""Compact decision: (seq, (client_id, client_seq) or None, code, conflict key, conflict
+seq or duplicate's seq, detail). The hot loop makes these; Decision objects are built
+only for whoever asks (a waiting client, a tool)."""
+
+
+def to_decision(o: Outcome_) -> Decision:
+    seq, tid, code, key, wseq, detail = o
+    return Decision(
+        seq,
+        TxnId(*tid) if tid is not None else None,
+        Outcome.COMMITTED if code == C_COMMITTED else Outcome.ABORTED,
+        _REASONS[code],
+        key,
+        wseq,
+        detail,
+    )
+
+
+def validate_batch(
+    state: ValidatorState, raws: list[msgspec.Raw] | list[bytes], first_seq: int
+) -> tuple[list[Outcome_], list[tuple[int, WireTxn]]]:
+    """Decide consecutive transactions from `first_seq` (which must be ``state.next_seq``).
+
+    Returns the compact outcome of each, and (seq, txn) of each that committed. This is
+    the hot loop of every reader: everything is bound to locals and no Decision objects
+    are made here.
+    """
+    if first_seq != state.next_seq:
+        raise ValueError(f"batch at seq {first_seq}, state expects {state.next_seq}")
+    window = state.window
+    last_write = state.last_write
+    committed_ids = state.committed
+    history = state.history
+    committed_hist = state.committed_hist
+    decode = decode_wire_txn
+    blake = _blake2b
+    pack = _seq_pack
+    digest = state.digest
+    outcomes: list[Outcome_] = []
+    applied: list[tuple[int, WireTxn]] = []
+    lw_get = last_write.get
+    # Pruning once per batch keeps a few more entries than needed; that changes no
+    # decision, since checks below compare against each seq's own floor.
+    if first_seq - 1 - window > 0:
+        state._prune(first_seq - 1 - window)
+    seq = first_seq - 1
+    for raw in raws:
+        seq += 1
+        floor = seq - 1 - window
+        tid: tuple[str, int] | None = None
+        code = C_COMMITTED
+        key: str | None = None
+        wseq: int | None = None
+        detail: str | None = None
+        try:
+            txn = decode(raw)
+        except (msgspec.DecodeError, ValueError) as exc:
+            code, detail = C_MALFORMED, f"undecodable: {exc}"
+        else:
+            tid = (txn.client_id, txn.client_seq)
+            r = txn.read_version
+            reads = txn.reads
+            ranges = txn.ranges
+            problem = check_wire_txn(txn)
+            if problem is None and r >= seq:
+                problem = f"read_version {r} is not before seq {seq}"
+            if problem is not None:
+                code, detail = C_MALFORMED, problem
+            elif tid in committed_ids and committed_ids[tid] > floor:
+                code, wseq = C_DUPLICATE, committed_ids[tid]
+            elif reads or ranges:
+                if r < floor:
+                    code = C_TOO_OLD
+                    detail = f"read_version {r} is older than the window ({floor})"
+                else:
+                    for k in reads:
+                        w = lw_get(k, 0)
+                        if w > r:
+                            code, key, wseq = C_CONFLICT, k, w
+                            break
+                    if code == C_COMMITTED and ranges:
+                        index = state._range_index()
+                        for start, end in ranges:
+                            for k in index.irange(start, end, (True, False)):
+                                w = last_write[k]
+                                if w > r:
+                                    code, key, wseq = C_CONFLICT, k, w
+                                    break
+                            if code:
+                                break
+        if code == C_COMMITTED:
+            written = [k for _op, k, _v in txn.writes]
+            if txn.events:
+                for _name, _payload, ckeys in txn.events:
+                    written.extend(ckeys)
+            if written:
+                index = state._index
+                for k in written:
+                    if index is not None and k not in last_write:
+                        index.add(k)
+                    last_write[k] = seq
+                history.append((seq, tuple(written)))
+            committed_ids[tid] = seq  # type: ignore[index]
+            committed_hist.append((seq, tid))  # type: ignore[arg-type]
+            applied.append((seq, txn))
+            # The digest chains every seq's outcome with the exact bytes of what
+            # committed: replicas with equal digests at seq S agree on everything up to S.
+            digest = blake(digest + pack(seq, 0) + raw, digest_size=16).digest()
+        else:
+            digest = blake(digest + pack(seq, code), digest_size=16).digest()
+        outcomes.append((seq, tid, code, key, wseq, detail))
+    state.digest = digest
+    state.next_seq = seq + 1
+    return outcomes, applied
+
+
+def validate(
+    state: ValidatorState, raw: bytes | memoryview, seq: int
+) -> tuple[Decision, WireTxn | None]:
+    """Decide one transaction at `seq` (which must be ``state.next_seq``).
+
+    The decision function of DESIGN.md in its plainest form; returns the decision and,
+    when it committed, the decoded transaction to apply.
+    """
+    outcomes, applied = validate_batch(state, [bytes(raw)], seq)
+    return to_decision(outcomes[0]), (applied[0][1] if applied else None)
+
+
+@attrs.frozen
+class EntryResult:
+    """What one ledger entry did to the state."""
+
+    kind: str
+    """"record", "epoch", "rejected" (stale epoch or seq overlap) or "malformed"."""
+    outcomes: tuple[Outcome_, ...] = ()
+    """Compact decisions (see Outcome_); :attr:`decisions` gives them as Decision objects."""
+    committed: tuple[tuple[int, WireTxn], ...] = ()
+    """(seq, transaction) of each transaction that committed, in seq order."""
+    epoch: int = 0
+    detail: str | None = None
+    hlc: int = 0
+    writer_id: str = ""
+
+    @property
+    def decisions(self) -> tuple[Decision, ...]:
+        if self.kind == "record":
+            return tuple(to_decision(o) for o in self.outcomes)
+        reason = AbortReason.STALE_EPOCH if self.kind == "rejected" else AbortReason.MALFORMED
+        return tuple(
+            Decision(
+                None,
+                TxnId(*o[1]) if o[1] is not None else None,
+                Outcome.ABORTED,
+                reason,
+                detail=self.detail,
+            )
+            for o in self.outcomes
+        )
+
+    @property
+    def seqs(self) -> range:
+        """The seqs this entry's transactions took (empty unless it is a record)."""
+        if self.kind != "record" or not self.outcomes:
+            return range(0)
+        return range(self.outcomes[0][0], self.outcomes[-1][0] + 1)
+
+
+def _txn_ids(rec: WireRecord) -> tuple[Outcome_, ...]:
+    """Outcomes without seqs for a rejected record: only the txn ids matter."""
+    out: list[Outcome_] = []
+    for raw in rec.txns:
+        tid: tuple[str, int] | None
+        try:
+            t = decode_wire_txn(raw)
+            tid = (t.client_id, t.client_seq)
+        except (msgspec.DecodeError, ValueError):
+            tid = None
+        out.append((0, tid, C_MALFORMED, None, None, None))
+    return tuple(out)
+
+
+_MALFORMED_ENTRY: Final[tuple[Outcome_, ...]] = ((0, None, C_MALFORMED, None, None, None),)
+
+
+def classify(
+    epoch: int, next_seq: int, entry: WireRecord | WireEpoch | WireIntake
+) -> tuple[str, str | None]:
+    """The entry rules, on headers alone: ("record" | "epoch" | "rejected" | "malformed",
+    detail). Shared by readers and by a writer recovering the ledger's end, so both
+    always agree on which entries count."""
+    if isinstance(entry, WireIntake):
+        return "malformed", "an intake batch in a ledger"
+    if isinstance(entry, WireEpoch):
+        if entry.epoch <= epoch:
+            return "rejected", f"epoch start {entry.epoch} is not above epoch {epoch}"
+        return "epoch", None
+    if entry.epoch != epoch:
+        return "rejected", f"record of epoch {entry.epoch} while epoch {epoch} holds the ledger"
+    if entry.first_seq < next_seq:
+        # A resend of records already in the log (or a forgery): its seqs are taken.
+        return "rejected", f"record first_seq {entry.first_seq} is below next seq {next_seq}"
+    if entry.first_seq > next_seq:
+        return "record", f"gap of {entry.first_seq - next_seq} seqs before this record"
+    return "record", None
+
+
+def process_entry(state: ValidatorState, data: bytes | memoryview) -> EntryResult:
+    """Apply one ledger entry, whatever its bytes, to `state`. Never raises for content."""
+    try:
+        entry = decode_entry(data)
+    except FormatError as exc:
+        return EntryResult("malformed", _MALFORMED_ENTRY, detail=str(exc))
+    kind, detail = classify(state.epoch, state.next_seq, entry)
+    if kind == "malformed":
+        return EntryResult(kind, _MALFORMED_ENTRY, detail=detail)
+    assert not isinstance(entry, WireIntake)
+    if isinstance(entry, WireEpoch):
+        if kind == "epoch":
+            state.epoch = entry.epoch
+            state.writer_id = entry.writer_id
+        return EntryResult(
+            kind, epoch=entry.epoch, detail=detail, hlc=entry.hlc, writer_id=entry.writer_id
+        )
+    if kind == "rejected":
+        return EntryResult(
+            kind, _txn_ids(entry), epoch=entry.epoch, detail=detail, writer_id=entry.writer_id
+        )
+    state.next_seq = entry.first_seq
+    outcomes, applied = validate_batch(state, entry.txns, entry.first_seq)
+    return EntryResult(
+        "record",
+        tuple(outcomes),
+        tuple(applied),
+        epoch=entry.epoch,
+        detail=detail,
+        hlc=entry.hlc,
+        writer_id=entry.writer_id,
+    )
+
+
+@attrs.define
+class SequencerState:
+    """What a writer must know of a ledger to append to it: the header-level part of
+    the validator's state, plus the newest record's backend meta. Cheap to compute:
+    transactions are counted, never decoded."""
+
+    epoch: int = 0
+    next_seq: int = 1
+    hlc: int = 0
+    meta: bytes = b""
+
+    def advance(self, data: bytes | memoryview) -> str:
+        """Apply one entry's header under the same rules as readers; returns its kind."""
+        try:
+            entry = decode_entry(data)
+        except FormatError:
+            return "malformed"
+        kind, _ = classify(self.epoch, self.next_seq, entry)
+        if isinstance(entry, WireIntake):
+            return kind
+        if kind == "epoch":
+            self.epoch = entry.epoch
+        elif kind == "record":
+            assert isinstance(entry, WireRecord)
+            self.next_seq = entry.first_seq + len(entry.txns)
+            self.meta = entry.meta
+        if kind != "malformed":
+            self.hlc = max(self.hlc, entry.hlc)
+        return kind
+
+    def to_bytes(self) -> bytes:
+        return msgspec.msgpack.encode([self.epoch, self.next_seq, self.hlc, self.meta])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SequencerState:
+        try:
+            epoch, next_seq, hlc, meta = msgspec.msgpack.decode(data)
+            return cls(int(epoch), int(next_seq), int(hlc), bytes(meta))
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            raise FormatError(f"corrupt sequencer state: {exc}") from exc
+
+
+def _malformed_entry(detail: str) -> Decision:
+    return Decision(None, None, Outcome.ABORTED, AbortReason.MALFORMED, detail=detail)
+
+
+def writes_of(txn: WireTxn) -> list[tuple[str, Any]]:
+    """(key, value) per write, value None for deletes (no tombstone values exist)."""
+    return [(k, v if op == OP_PUT else None) for op, k, v in txn.writes]

@@ -1,0 +1,256 @@
+"""The single elected writer of a ledger.
+
+A :class:`Writer` campaigns through its backend (standing by until elected), learns the
+ledger's end by scanning entry headers under the same rules readers use, appends an
+epoch start one above every epoch seen, and from then on turns intake submissions into
+records: batches of transactions stamped with epoch, first seq and a hybrid logical
+clock. It never decodes a transaction and never decides anything: readers do.
+
+When it is fenced (another writer took over) it stops appending at once, tells whoever
+listens, and goes back to standing by.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+import msgspec
+import structlog
+
+from ledgerlog import metrics
+from ledgerlog.backends.base import Backend, IntakeItem, LogWriter
+from ledgerlog.codec import WireIntake, decode_entry, encode_epoch, encode_record
+from ledgerlog.errors import (
+    BackendError,
+    ClosedError,
+    ConfigError,
+    FencedError,
+    FormatError,
+    NotElectedError,
+)
+from ledgerlog.validator import SequencerState
+
+__all__ = ["HLC", "Writer"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAX_RECORD_TXNS: Final = 1000
+DEFAULT_MAX_RECORD_BYTES: Final = 1024 * 1024
+
+
+class HLC:
+    """Hybrid logical clock: milliseconds since the epoch in the high bits, a counter in
+    the low 16. Strictly increasing across writers, because each new writer starts above
+    the highest timestamp in the ledger."""
+
+    def __init__(self, floor: int = 0, clock: Callable[[], int] = time.time_ns) -> None:
+        self.last = floor
+        self._clock = clock
+
+    def now(self) -> int:
+        physical = (self._clock() // 1_000_000) << 16
+        self.last = max(self.last + 1, physical)
+        return self.last
+
+    @staticmethod
+    def to_unix_ms(hlc: int) -> int:
+        return hlc >> 16
+
+
+class Writer:
+    """Stands by, gets elected, appends; again after losing the ledger, until stopped.
+
+    Run it in a thread with :meth:`start` (clients do that for the embedded backend) or in
+    the foreground with :meth:`run` (``ledgerlog writer``).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        writer_id: str,
+        *,
+        max_record_txns: int = DEFAULT_MAX_RECORD_TXNS,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        max_batch_items: int = 4096,
+        on_elected: Callable[[int], None] | None = None,
+        on_fenced: Callable[[FencedError], None] | None = None,
+    ) -> None:
+        if max_record_txns < 1 or max_record_bytes < 1024:
+            raise ConfigError("max_record_txns must be >= 1 and max_record_bytes >= 1024")
+        self.backend = backend
+        self.writer_id = writer_id
+        self.max_record_txns = max_record_txns
+        self.max_record_bytes = max_record_bytes
+        self.max_batch_items = max_batch_items
+        self.on_elected = on_elected
+        self.on_fenced = on_fenced
+        self.epoch = 0
+        self.next_seq = 0
+        self.elected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._log = log.bind(ledger=backend.ledger, writer=writer_id)
+        self.error: BaseException | None = None
+
+    # Lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Writer:
+        if self._thread is not None:
+            raise ClosedError("writer already started")
+        self._thread = threading.Thread(
+            target=self._run_safely, name=f"ledgerlog-writer-{self.writer_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _run_safely(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # surfaced through .error; a thread must not die silently
+            self.error = exc
+            self._log.exception("writer thread failed")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Campaign and serve until :meth:`stop`."""
+        while not self._stop.is_set():
+            try:
+                lw = self.backend.campaign(self.writer_id, timeout=0.25)
+            except NotElectedError:
+                continue
+            try:
+                self._serve(lw)
+            except FencedError as exc:
+                self._log.warning("fenced: another writer holds the ledger", epoch=self.epoch)
+                metrics.WRITER_FENCED.labels(self.backend.ledger).inc()
+                if self.on_fenced is not None:
+                    self.on_fenced(exc)
+            except BackendError:
+                # The storage failed under us: we cannot know what the ledger's end is,
+                # so give the ledger up and campaign again (the next term rescans it).
+                self._log.exception("backend error; resigning")
+                time.sleep(0.1)
+            finally:
+                self.elected.clear()
+                lw.close()
+
+    # Term -------------------------------------------------------------------------------
+
+    def _recover(self, lw: LogWriter) -> SequencerState:
+        position, raw_state = lw.recovery_point()
+        state = SequencerState.from_bytes(raw_state) if raw_state else SequencerState()
+        with self.backend.reader(position) as reader:
+            while True:
+                entries = reader.read(4096, timeout=0.0)
+                if not entries:
+                    break
+                for e in entries:
+                    state.advance(e.data)
+            epoch = state.epoch + 1
+            hlc = HLC(state.hlc)
+            marker_state = SequencerState(epoch, state.next_seq, state.hlc, state.meta)
+            lw.append([encode_epoch(epoch, self.writer_id, hlc.now())], marker_state.to_bytes())
+            # Read through our own epoch start: entries a deposed writer slipped in before
+            # it still count, and anything after it never does.
+            deadline = time.monotonic() + 30.0
+            while state.epoch < epoch:
+                entries = reader.read(4096, timeout=0.1)
+                for e in entries:
+                    state.advance(e.data)
+                if state.epoch > epoch:
+                    raise FencedError(f"epoch {state.epoch} started while ours ({epoch}) did")
+                if time.monotonic() > deadline:
+                    raise BackendError("our epoch start did not come back from the ledger")
+            if state.epoch != epoch:
+                raise FencedError(f"epoch {state.epoch} started while ours ({epoch}) did")
+        state.hlc = max(state.hlc, hlc.last)
+        return state
+
+    def _serve(self, lw: LogWriter) -> None:
+        state = self._recover(lw)
+        self.epoch = state.epoch
+        self.next_seq = state.next_seq
+        hlc = HLC(state.hlc)
+        intake = lw.intake(state.meta)
+        ledger = self.backend.ledger
+        m_records = metrics.WRITER_RECORDS.labels(ledger)
+        m_txns = metrics.WRITER_TXNS.labels(ledger)
+        m_seq = metrics.WRITER_NEXT_SEQ.labels(ledger)
+        self._log.info("serving", epoch=state.epoch, next_seq=state.next_seq)
+        metrics.WRITER_EPOCH.labels(ledger).set(state.epoch)
+        self.elected.set()
+        if self.on_elected is not None:
+            self.on_elected(state.epoch)
+        try:
+            last_check = time.monotonic()
+            while not self._stop.is_set():
+                items = intake.poll(self.max_batch_items, timeout=0.05)
+                if not items:
+                    if time.monotonic() - last_check > 0.5:
+                        lw.check()
+                        last_check = time.monotonic()
+                    continue
+                raws = self._unpack(items)
+                if not raws:
+                    continue
+                meta = intake.meta(items)
+                records: list[bytes] = []
+                i = 0
+                while i < len(raws):
+                    j = i
+                    size = 0
+                    while j < len(raws) and j - i < self.max_record_txns:
+                        size += len(raws[j])
+                        if size > self.max_record_bytes and j > i:
+                            break
+                        j += 1
+                    last = j == len(raws)
+                    records.append(
+                        encode_record(
+                            state.epoch,
+                            state.next_seq,
+                            hlc.now(),
+                            self.writer_id,
+                            raws[i:j],
+                            meta if last else b"",
+                        )
+                    )
+                    state.next_seq += j - i
+                    i = j
+                state.meta = meta
+                state.hlc = hlc.last
+                lw.append(records, state.to_bytes())
+                intake.ack(items)
+                self.next_seq = state.next_seq
+                m_records.inc(len(records))
+                m_txns.inc(len(raws))
+                m_seq.set(state.next_seq)
+        finally:
+            intake.close()
+
+    def _unpack(self, items: list[IntakeItem]) -> list[msgspec.Raw]:
+        raws: list[msgspec.Raw] = []
+        for it in items:
+            try:
+                entry = decode_entry(it.data)
+            except FormatError as exc:
+                # Not a submission at all: nothing a reader could decide, so it is
+                # dropped here with a record of why.
+                self._log.error("dropping undecodable intake item", error=str(exc))
+                continue
+            if not isinstance(entry, WireIntake):
+                self._log.error("dropping intake item of the wrong kind")
+                continue
+            raws.extend(entry.txns)
+        return raws
