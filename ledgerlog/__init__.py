@@ -1,0 +1,146 @@
+"""ledgerlog: a serializable transaction log for services.
+
+Every reader of a ledger validates every transaction with the same pure function, so all
+replicas agree on every commit and abort without a lock service. This module is the whole
+public API; everything else is importable but private unless re-exported here.
+
+    import ledgerlog
+
+    db = ledgerlog.open("./data/bank")          # embedded ledger in a directory
+
+    @ledgerlog.transactional
+    def transfer(tx, src, dst, amount):
+        a, b = tx.get(src, 0), tx.get(dst, 0)
+        tx.put(src, a - amount)
+        tx.put(dst, b + amount)
+
+    transfer(db, "acct:1", "acct:2", 10)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ledgerlog.backends.base import Backend
+from ledgerlog.client import AsyncClient, AsyncTx, Client, Tx, atransactional, open_backend
+from ledgerlog.client import transactional as transactional
+from ledgerlog.errors import (
+    BackendError,
+    ClosedError,
+    CommitUnknownError,
+    ConfigError,
+    ConflictError,
+    FencedError,
+    FormatError,
+    LedgerlogError,
+    LedgerNotFoundError,
+    NotElectedError,
+    RetryLimitError,
+    TransactionAborted,
+    TransactionError,
+    UsageError,
+)
+from ledgerlog.model import (
+    AbortReason,
+    Decision,
+    Delete,
+    EpochStart,
+    Event,
+    KeyRange,
+    Outcome,
+    Position,
+    Put,
+    Record,
+    Transaction,
+    TxnId,
+)
+from ledgerlog.reader import DivergenceError, Reader
+from ledgerlog.validator import DEFAULT_WINDOW, ValidatorState, validate
+from ledgerlog.views import HandlerView, MemoryView, SQLiteView, View
+from ledgerlog.writer import Writer
+
+__version__ = "0.1.0"
+
+_CLIENT_OPTIONS = frozenset({"client_id", "writer", "views", "window", "timeout", "start"})
+
+
+def open(  # noqa: A001 - reads like the builtin on purpose: ledgerlog.open(path)
+    target: str | os.PathLike[str] | Backend,
+    *,
+    client_id: str | None = None,
+    writer: str | None = "auto",
+    views: Sequence[View] = (),
+    window: int = DEFAULT_WINDOW,
+    timeout: float = 30.0,
+    **backend_options: Any,
+) -> Client:
+    """Open a ledger and return a started :class:`Client`.
+
+    `target` is a directory path or ``file://`` URL (the embedded backend, created if
+    missing), a ``pulsar://`` or ``bookkeeper://`` URL, or a Backend object. Other keyword
+    arguments go to the backend (e.g. ``fsync=False`` for the file backend).
+    """
+    backend = open_backend(target, **backend_options)
+    return Client(
+        backend, client_id=client_id, writer=writer, views=views, window=window, timeout=timeout
+    )
+
+
+async def aopen(
+    target: str | os.PathLike[str] | Backend, **options: Any
+) -> AsyncClient:
+    """The asyncio twin of :func:`open`."""
+    client_opts = {k: v for k, v in options.items() if k in _CLIENT_OPTIONS}
+    backend_opts = {k: v for k, v in options.items() if k not in _CLIENT_OPTIONS}
+    return AsyncClient(open_backend(target, **backend_opts), **client_opts)
+
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "AbortReason",
+    "AsyncClient",
+    "AsyncTx",
+    "Backend",
+    "BackendError",
+    "Client",
+    "ClosedError",
+    "CommitUnknownError",
+    "ConfigError",
+    "ConflictError",
+    "Decision",
+    "Delete",
+    "DivergenceError",
+    "EpochStart",
+    "Event",
+    "FencedError",
+    "FormatError",
+    "HandlerView",
+    "KeyRange",
+    "LedgerNotFoundError",
+    "LedgerlogError",
+    "MemoryView",
+    "NotElectedError",
+    "Outcome",
+    "Position",
+    "Put",
+    "Reader",
+    "Record",
+    "RetryLimitError",
+    "SQLiteView",
+    "Transaction",
+    "TransactionAborted",
+    "TransactionError",
+    "Tx",
+    "TxnId",
+    "UsageError",
+    "ValidatorState",
+    "View",
+    "Writer",
+    "aopen",
+    "atransactional",
+    "open",
+    "transactional",
+    "validate",
+]

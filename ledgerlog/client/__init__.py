@@ -1,0 +1,594 @@
+"""What a service calls: a Client over one ledger, transactions, and a retry helper.
+
+A :class:`Client` keeps a local replica (a :class:`Reader` feeding an in-memory view) and
+an intake producer. A transaction reads from the replica at a known seq (its
+read_version), buffers its writes (reads see them: read-your-writes), and on commit is
+submitted through the intake; the decision comes back from the local replica, which
+validated it like every other reader did.
+
+Reads are checked as they happen: a key whose version is already above the transaction's
+read_version will certainly make it abort, so :class:`ConflictError` is raised at once
+instead of after a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+
+import structlog
+
+from ledgerlog import metrics
+from ledgerlog.backends.base import Backend, IntakeProducer
+from ledgerlog.codec import encode_intake, encode_transaction
+from ledgerlog.errors import (
+    ClosedError,
+    CommitUnknownError,
+    ConfigError,
+    ConflictError,
+    RetryLimitError,
+    TransactionAborted,
+    UsageError,
+)
+from ledgerlog.model import (
+    AbortReason,
+    Decision,
+    Delete,
+    Event,
+    KeyRange,
+    Outcome,
+    Put,
+    Transaction,
+    TxnId,
+)
+from ledgerlog.reader import Reader
+from ledgerlog.validator import DEFAULT_WINDOW
+from ledgerlog.views.base import View
+from ledgerlog.views.memory import MemoryView
+from ledgerlog.writer import Writer
+
+__all__ = ["AsyncClient", "Client", "Tx", "atransactional", "open_backend", "transactional"]
+
+log = structlog.get_logger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_MISSING = object()
+
+
+def default_client_id() -> str:
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:24]
+    return f"{host or 'host'}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def open_backend(target: str | os.PathLike[str] | Backend, **options: Any) -> Backend:
+    """A backend from a URL or path: ``file:///path``, a plain path (embedded), or
+    ``pulsar://host:port/ledger`` / ``bookkeeper://zk:port/ledger`` once installed."""
+    if isinstance(target, Backend):
+        return target
+    text = os.fspath(target)
+    if "://" not in text or text.startswith("file://"):
+        from ledgerlog.backends.file import FileBackend
+
+        path = text[len("file://") :] if text.startswith("file://") else text
+        return FileBackend(path, **options)
+    scheme = text.split("://", 1)[0]
+    if scheme in ("pulsar", "pulsar+ssl"):
+        try:
+            from ledgerlog.backends.pulsar import PulsarBackend  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ConfigError(f"the Pulsar backend is not available here: {exc}") from exc
+        return PulsarBackend.from_url(text, **options)  # type: ignore[no-any-return]
+    if scheme == "bookkeeper":
+        try:
+            from ledgerlog.backends.bookkeeper import (  # type: ignore[import-not-found]
+                BookKeeperBackend,
+            )
+        except ImportError as exc:
+            raise ConfigError(f"the BookKeeper backend is not available here: {exc}") from exc
+        return BookKeeperBackend.from_url(text, **options)  # type: ignore[no-any-return]
+    raise ConfigError(f"unknown ledger URL scheme {scheme!r} in {text!r}")
+
+
+class Tx:
+    """One transaction: reads at ``read_version`` from the local replica, buffered writes.
+
+    Use as a context manager (commits on a clean exit) or call :meth:`commit`.
+    """
+
+    def __init__(self, client: Client, client_seq: int) -> None:
+        self._client = client
+        self._view = client.view
+        self.txn_id = TxnId(client.client_id, client_seq)
+        self.read_version = self._view.applied_seq
+        self._reads: dict[str, None] = {}  # insertion-ordered set: the order is the txn's
+        self._ranges: list[KeyRange] = []
+        self._writes: dict[str, Put | Delete] = {}
+        self._events: list[Event] = []
+        self.decision: Decision | None = None
+        self._done = False
+
+    # Reads --------------------------------------------------------------------------------
+
+    def _conflict(self, key: str, version: int) -> ConflictError:
+        d = Decision(
+            None,
+            self.txn_id,
+            Outcome.ABORTED,
+            AbortReason.CONFLICT,
+            key,
+            version,
+            detail="seen on the local replica before submitting",
+        )
+        self._done = True
+        self.decision = d
+        return ConflictError(d)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The key's value as of read_version (or as this transaction wrote it)."""
+        self._check()
+        w = self._writes.get(key)
+        if w is not None:
+            return w.value if isinstance(w, Put) else default
+        got = self._view.get_versioned(key)
+        version = got[1] if got is not None else self._view.version(key)
+        if version > self.read_version:
+            raise self._conflict(key, version)
+        self._reads[key] = None
+        return got[0] if got is not None else default
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def range(
+        self, start: str, end: str | None = None, limit: int | None = None
+    ) -> list[tuple[str, Any]]:
+        """Keys in [start, end) with their values, in key order, as of read_version.
+
+        The whole interval counts as read (even past `limit`): a key inserted into it
+        by a concurrent transaction aborts this one, which prevents phantoms.
+        """
+        self._check()
+        kr = KeyRange(start, end)
+        newest = self._view.max_version_in_range(start, end)
+        if newest > self.read_version:
+            raise self._conflict(start, newest)
+        rows = dict(self._view.range(start, end))
+        for k, w in self._writes.items():
+            if k in kr:
+                if isinstance(w, Put):
+                    rows[k] = w.value
+                else:
+                    rows.pop(k, None)
+        self._ranges.append(kr)
+        out = sorted(rows.items())
+        return out[:limit] if limit is not None else out
+
+    def prefix(self, prefix: str, limit: int | None = None) -> list[tuple[str, Any]]:
+        kr = KeyRange.prefix(prefix)
+        return self.range(kr.start, kr.end, limit)
+
+    # Writes -------------------------------------------------------------------------------
+
+    def put(self, key: str, value: Any) -> None:
+        self._check()
+        self._writes[key] = Put(key, value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.put(key, value)
+
+    def delete(self, key: str) -> None:
+        self._check()
+        self._writes[key] = Delete(key)
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key)
+
+    def emit(self, name: str, payload: Any = None, conflict_keys: Sequence[str] = ()) -> None:
+        """Append an application event; committing it bumps its conflict keys' versions."""
+        self._check()
+        self._events.append(Event(name, payload, tuple(conflict_keys)))
+
+    def add_read(self, key: str) -> None:
+        """Declare a read without reading (makes a write conditional on the key)."""
+        self._check()
+        self._reads[key] = None
+
+    # Commit -------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._done:
+            raise UsageError(f"transaction {self.txn_id} is already finished")
+
+    def to_transaction(self) -> Transaction:
+        return Transaction(
+            self.txn_id,
+            self.read_version,
+            reads=tuple(self._reads),
+            ranges=tuple(self._ranges),
+            writes=tuple(self._writes.values()),
+            events=tuple(self._events),
+        )
+
+    @property
+    def read_only(self) -> bool:
+        return not self._writes and not self._events
+
+    def submit(self) -> Future[Decision]:
+        """Submit without waiting: a future of the decision."""
+        self._check()
+        self._done = True
+        if self.read_only:
+            # A snapshot read checked key by key needs no validation round.
+            fut: Future[Decision] = Future()
+            self.decision = Decision(None, self.txn_id, Outcome.COMMITTED, detail="read-only")
+            fut.set_result(self.decision)
+            return fut
+        return self._client._submit(self.to_transaction())
+
+    def commit(self, timeout: float | None = None) -> Decision:
+        """Submit and wait for the decision. Raises ConflictError or TransactionAborted
+        if it aborted, CommitUnknownError if no decision came in time."""
+        fut = self.submit()
+        d = self._client._wait(fut, self.txn_id, timeout)
+        self.decision = d
+        if not d.committed:
+            raise ConflictError(d) if d.reason is AbortReason.CONFLICT else TransactionAborted(d)
+        return d
+
+    def abandon(self) -> None:
+        """Finish without submitting anything."""
+        self._done = True
+
+    def __enter__(self) -> Tx:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None and not self._done:
+            self.commit()
+        else:
+            self._done = True
+
+
+class Client:
+    """A service's handle on one ledger (sync API; see :class:`AsyncClient`).
+
+    ``writer="auto"`` (the default for the embedded backend) runs a standby writer in
+    this process: the first client to start becomes the writer, and when it goes another
+    takes over. ``writer=None`` leaves writing to a separate ``ledgerlog writer``.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        client_id: str | None = None,
+        writer: str | None = "auto",
+        views: Sequence[View] = (),
+        window: int = DEFAULT_WINDOW,
+        timeout: float = 30.0,
+        start: bool = True,
+    ) -> None:
+        if writer not in ("auto", None):
+            raise ConfigError(f"writer must be 'auto' or None, not {writer!r}")
+        self.backend = backend
+        self.client_id = client_id or default_client_id()
+        self.timeout = timeout
+        self.view = MemoryView(window=window)
+        self.reader = Reader(backend, [self.view, *views], window=window, name=self.client_id)
+        # Seqs that survive restarts under a fixed client_id: a restarted client must not
+        # reuse the ids of transactions the validator still remembers.
+        self._client_seq = itertools.count(time.time_ns() // 1000)
+        self._seq_lock = threading.Lock()
+        self._intake: IntakeProducer = backend.intake_producer(self.client_id)
+        self._latency = metrics.COMMIT_LATENCY.labels(backend.ledger)
+        self.writer: Writer | None = None
+        if writer == "auto":
+            self.writer = Writer(backend, self.client_id)
+        self._closed = False
+        self._log = log.bind(ledger=backend.ledger, client=self.client_id)
+        if start:
+            self.start()
+
+    def start(self) -> Client:
+        if self.writer is not None:
+            self.writer.start()
+        self.reader.start()
+        return self
+
+    # Transactions -----------------------------------------------------------------------
+
+    def transaction(self) -> Tx:
+        self._check()
+        with self._seq_lock:
+            seq = next(self._client_seq)
+        return Tx(self, seq)
+
+    def _submit(self, txn: Transaction) -> Future[Decision]:
+        self._check()
+        fut = self.reader.watch(txn.txn_id.client_id, txn.txn_id.client_seq)
+        started = time.perf_counter()
+        fut.add_done_callback(lambda _f: self._latency.observe(time.perf_counter() - started))
+        try:
+            self._intake.submit(encode_intake([encode_transaction(txn)]), timeout=self.timeout)
+        except BaseException:
+            self.reader.unwatch(txn.txn_id.client_id, txn.txn_id.client_seq, fut)
+            raise
+        return fut
+
+    def _wait(self, fut: Future[Decision], txn_id: TxnId, timeout: float | None) -> Decision:
+        try:
+            return fut.result(self.timeout if timeout is None else timeout)
+        except FutureTimeout:
+            self.reader.unwatch(txn_id.client_id, txn_id.client_seq, fut)
+            raise CommitUnknownError(
+                f"no decision for {txn_id} within {timeout or self.timeout}s; it may still "
+                "commit (resubmitting the same transaction is safe)"
+            ) from None
+
+    def submit(self, txn: Transaction, timeout: float | None = None) -> Decision:
+        """Submit a ready-made Transaction (its txn_id is the caller's business) and wait.
+        Resubmitting after CommitUnknownError commits it at most once."""
+        return self._wait(self._submit(txn), txn.txn_id, timeout)
+
+    # Reads outside transactions ---------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The replica's current value (not a serializable read: see :meth:`sync`)."""
+        got = self.view.get_versioned(key)
+        return default if got is None else got[0]
+
+    def range(self, start: str, end: str | None = None) -> list[tuple[str, Any]]:
+        return self.view.range(start, end)
+
+    def sync(self, timeout: float | None = None) -> int:
+        """Wait until the replica holds everything appended before this call; a
+        transaction started after it is strictly serializable. Returns the seq reached."""
+        self._check()
+        return self.reader.sync(self.timeout if timeout is None else timeout)
+
+    @property
+    def last_seq(self) -> int:
+        return self.view.applied_seq
+
+    @property
+    def digest(self) -> bytes:
+        return self.reader.digest
+
+    def wait_writer(self, timeout: float = 30.0) -> None:
+        """Wait until some writer serves the ledger (this process's or another's)."""
+        if self.writer is not None and self.writer.elected.wait(0):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.reader.state.epoch > 0 or (self.writer and self.writer.elected.is_set()):
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"no writer serves {self.backend.ledger} after {timeout}s")
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError(f"client {self.client_id} is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.writer is not None:
+            self.writer.stop()
+        self._intake.close()
+        self.reader.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _backoff(attempt: int, base: float, cap: float) -> float:
+    # Jitter is client-side only (never in the validator): it spreads retries apart.
+    return random.uniform(0, min(cap, base * (2**attempt)))
+
+
+@overload
+def transactional(fn: Callable[Concatenate[Tx, P], R]) -> Callable[Concatenate[Client | Tx, P], R]: ...
+@overload
+def transactional(
+    fn: None = None, *, retries: int = 10, backoff: float = 0.001, max_backoff: float = 0.2
+) -> Callable[[Callable[Concatenate[Tx, P], R]], Callable[Concatenate[Client | Tx, P], R]]: ...
+
+
+def transactional(
+    fn: Callable[Concatenate[Tx, P], R] | None = None,
+    *,
+    retries: int = 10,
+    backoff: float = 0.001,
+    max_backoff: float = 0.2,
+) -> Any:
+    """FoundationDB-style: ``@transactional def f(tx, ...)``, called as ``f(client, ...)``,
+    runs `f` in a fresh transaction and commits, retrying on conflict or too-old with
+    jittered exponential backoff, up to `retries` times (then RetryLimitError). Called with
+    a Tx instead, it joins that transaction and does not commit."""
+
+    def deco(f: Callable[Concatenate[Tx, P], R]) -> Callable[Concatenate[Client | Tx, P], R]:
+        @functools.wraps(f)
+        def wrapper(db: Client | Tx, *args: P.args, **kwargs: P.kwargs) -> R:
+            if isinstance(db, Tx):
+                return f(db, *args, **kwargs)
+            if not isinstance(db, Client):
+                raise UsageError(f"{f.__name__} needs a Client or a Tx, not {type(db).__name__}")
+            last: TransactionAborted | None = None
+            for attempt in range(retries + 1):
+                tx = db.transaction()
+                try:
+                    result = f(tx, *args, **kwargs)
+                    if not tx._done:
+                        tx.commit()
+                    return result
+                except TransactionAborted as exc:
+                    if not exc.retryable:
+                        raise
+                    last = exc
+                    tx.abandon()
+                    # Retrying before the replica holds the conflicting write would read
+                    # the same stale value and abort again.
+                    if exc.decision.conflict_seq:
+                        db.reader.wait_for_seq(exc.decision.conflict_seq, timeout=db.timeout)
+                    time.sleep(_backoff(attempt, backoff, max_backoff))
+            assert last is not None
+            raise RetryLimitError(retries + 1, last)
+
+        return wrapper
+
+    return deco(fn) if fn is not None else deco
+
+
+# -- asyncio ------------------------------------------------------------------------------
+
+
+class AsyncTx:
+    """:class:`Tx` for asyncio: reads are local and synchronous, commit is awaited."""
+
+    def __init__(self, client: AsyncClient, tx: Tx) -> None:
+        self._client = client
+        self._tx = tx
+        self.get = tx.get
+        self.range = tx.range
+        self.prefix = tx.prefix
+        self.put = tx.put
+        self.delete = tx.delete
+        self.emit = tx.emit
+        self.add_read = tx.add_read
+
+    @property
+    def txn_id(self) -> TxnId:
+        return self._tx.txn_id
+
+    @property
+    def read_version(self) -> int:
+        return self._tx.read_version
+
+    @property
+    def decision(self) -> Decision | None:
+        return self._tx.decision
+
+    async def commit(self, timeout: float | None = None) -> Decision:
+        loop = asyncio.get_running_loop()
+        # The intake's fdatasync blocks: keep it off the event loop.
+        fut = await loop.run_in_executor(None, self._tx.submit)
+        try:
+            d = await asyncio.wait_for(
+                asyncio.wrap_future(fut), self._client.sync_client.timeout if timeout is None else timeout
+            )
+        except TimeoutError:
+            raise CommitUnknownError(f"no decision for {self.txn_id} in time") from None
+        self._tx.decision = d
+        if not d.committed:
+            raise ConflictError(d) if d.reason is AbortReason.CONFLICT else TransactionAborted(d)
+        return d
+
+    async def __aenter__(self) -> AsyncTx:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None and not self._tx._done:
+            await self.commit()
+        else:
+            self._tx.abandon()
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client` (same replica, same intake)."""
+
+    def __init__(self, backend: Backend, **options: Any) -> None:
+        self.sync_client = Client(backend, **options)
+
+    def transaction(self) -> AsyncTx:
+        return AsyncTx(self, self.sync_client.transaction())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.sync_client.get(key, default)
+
+    def range(self, start: str, end: str | None = None) -> list[tuple[str, Any]]:
+        return self.sync_client.range(start, end)
+
+    async def sync(self, timeout: float | None = None) -> int:
+        return await asyncio.to_thread(self.sync_client.sync, timeout)
+
+    async def submit(self, txn: Transaction, timeout: float | None = None) -> Decision:
+        return await asyncio.to_thread(self.sync_client.submit, txn, timeout)
+
+    @property
+    def last_seq(self) -> int:
+        return self.sync_client.last_seq
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.sync_client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def atransactional(
+    fn: Callable[..., Awaitable[R]] | None = None,
+    *,
+    retries: int = 10,
+    backoff: float = 0.001,
+    max_backoff: float = 0.2,
+) -> Any:
+    """The asyncio twin of :func:`transactional`: ``@atransactional async def f(tx, ...)``."""
+
+    def deco(f: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+        @functools.wraps(f)
+        async def wrapper(db: AsyncClient | AsyncTx, *args: Any, **kwargs: Any) -> R:
+            if isinstance(db, AsyncTx):
+                return await f(db, *args, **kwargs)
+            if not isinstance(db, AsyncClient):
+                raise UsageError(f"{f.__name__} needs an AsyncClient or an AsyncTx")
+            last: TransactionAborted | None = None
+            for attempt in range(retries + 1):
+                tx = db.transaction()
+                try:
+                    result = await f(tx, *args, **kwargs)
+                    if not tx._tx._done:
+                        await tx.commit()
+                    return result
+                except TransactionAborted as exc:
+                    if not exc.retryable:
+                        raise
+                    last = exc
+                    tx._tx.abandon()
+                    if exc.decision.conflict_seq:
+                        await asyncio.to_thread(
+                            db.sync_client.reader.wait_for_seq,
+                            exc.decision.conflict_seq,
+                            db.sync_client.timeout,
+                        )
+                    await asyncio.sleep(_backoff(attempt, backoff, max_backoff))
+            assert last is not None
+            raise RetryLimitError(retries + 1, last)
+
+        return wrapper
+
+    return deco(fn) if fn is not None else deco
