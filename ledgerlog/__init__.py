@@ -66,7 +66,7 @@ __version__ = "0.1.0"
 _CLIENT_OPTIONS = frozenset({"client_id", "writer", "views", "window", "timeout", "start"})
 
 
-def open(  # noqa: A001 - reads like the builtin on purpose: ledgerlog.open(path)
+def open(
     target: str | os.PathLike[str] | Backend,
     *,
     client_id: str | None = None,
@@ -88,9 +88,7 @@ def open(  # noqa: A001 - reads like the builtin on purpose: ledgerlog.open(path
     )
 
 
-async def aopen(
-    target: str | os.PathLike[str] | Backend, **options: Any
-) -> AsyncClient:
+async def aopen(target: str | os.PathLike[str] | Backend, **options: Any) -> AsyncClient:
     """The asyncio twin of :func:`open`."""
     client_opts = {k: v for k, v in options.items() if k in _CLIENT_OPTIONS}
     backend_opts = {k: v for k, v in options.items() if k not in _CLIENT_OPTIONS}

@@ -1,0 +1,5 @@
+import sys
+
+from ledgerlog.cli import main
+
+sys.exit(main())
