@@ -1,0 +1,1 @@
+"""Local development servers (real brokers run as plain processes, no Docker needed)."""
