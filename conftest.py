@@ -1,0 +1,44 @@
+"""Session-wide rules: the integration suite may not be skipped silently.
+
+With LEDGERLOG_REQUIRE_INTEGRATION=1 (scripts/test and CI set it), a session that ran no
+integration test, or skipped one that is not allowed to skip, fails: a green run must
+mean the real servers were exercised.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_integration_ran = 0
+_integration_skipped: list[str] = []
+
+# Variants that exist for users with other setups and skip cleanly here by design.
+ALLOWED_SKIPS = ("testcontainers", "external")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    global _integration_ran
+    if "integration" not in report.keywords:
+        return
+    if report.when == "call" and report.passed:
+        _integration_ran += 1
+    if report.skipped and not any(a in report.nodeid for a in ALLOWED_SKIPS):
+        _integration_skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("LEDGERLOG_REQUIRE_INTEGRATION") != "1":
+        return
+    selected = session.config.getoption("keyword") or session.config.getoption("markexpr")
+    if selected:
+        return  # a filtered run (-k/-m) is a developer's choice, not the suite
+    problems = []
+    if _integration_ran == 0:
+        problems.append("no integration test ran")
+    if _integration_skipped:
+        problems.append("integration tests skipped: " + ", ".join(_integration_skipped))
+    if problems:
+        print("\nLEDGERLOG_REQUIRE_INTEGRATION: " + "; ".join(problems))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
