@@ -1,0 +1,62 @@
+"""Metrics move with the work, and the optional HTTP endpoint serves them."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+import ledgerlog
+from ledgerlog.metrics import serve
+
+
+def _value(name: str, **labels: str) -> float:
+    v = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+@pytest.mark.timeout(60)
+def test_commits_aborts_latency_and_writer_counters(tmp_path: Path) -> None:
+    with ledgerlog.open(tmp_path / "m", client_id="metrics-client") as db:
+        db.wait_writer()
+        ledger = db.backend.ledger
+        base_commits = _value("ledgerlog_commits_total", ledger=ledger, reader="metrics-client")
+        base_lat = _value("ledgerlog_commit_latency_seconds_count", ledger=ledger)
+        with db.transaction() as tx:
+            tx.put("k", 1)
+        t1 = db.transaction()
+        t1.get("k")
+        with db.transaction() as t2:
+            t2.put("k", 2)
+        t1.put("k", 3)
+        with pytest.raises(ledgerlog.ConflictError):
+            t1.commit()
+        db.sync()
+        commits = _value("ledgerlog_commits_total", ledger=ledger, reader="metrics-client")
+        conflicts = _value(
+            "ledgerlog_aborts_total", ledger=ledger, reader="metrics-client", reason="conflict"
+        )
+        assert commits - base_commits == 2
+        assert conflicts >= 1
+        assert _value("ledgerlog_commit_latency_seconds_count", ledger=ledger) - base_lat == 3
+        # The writer counts after its append returns, which may be after readers saw it.
+        deadline = time.monotonic() + 10
+        while _value("ledgerlog_writer_transactions_total", ledger=ledger) < 3:
+            assert time.monotonic() < deadline, "writer never counted 3 transactions"
+            time.sleep(0.01)
+        assert _value("ledgerlog_reader_applied_seq", ledger=ledger, reader="metrics-client") == 3
+        assert _value("ledgerlog_writer_epoch", ledger=ledger) == 1
+
+
+def test_http_endpoint_serves_metrics() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve(port)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    assert b"ledgerlog_commit_latency_seconds" in body
+    assert b"ledgerlog_reader_applied_seq" in body
