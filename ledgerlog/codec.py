@@ -145,6 +145,13 @@ def transaction_to_wire(txn: Transaction) -> WireTxn:
     )
 
 
+def encode_wire_txn(w: WireTxn) -> bytes:
+    try:
+        return _enc.encode(w)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise FormatError(f"cannot encode transaction {w.client_id}/{w.client_seq}: {exc}") from exc
+
+
 def encode_transaction(txn: Transaction) -> bytes:
     try:
         return _enc.encode(transaction_to_wire(txn))

@@ -17,7 +17,7 @@ from ledgerlog.backends.base import Backend
 from ledgerlog.client import open_backend
 from ledgerlog.codec import decode_record
 from ledgerlog.errors import FormatError, LedgerlogError
-from ledgerlog.model import START, EpochStart, Transaction
+from ledgerlog.model import START, Decision, EpochStart, Transaction
 from ledgerlog.reader import Reader
 from ledgerlog.validator import EntryResult, ValidatorState, process_entry
 from ledgerlog.writer import HLC
@@ -107,7 +107,7 @@ def _results(
                     yield e, res
 
 
-def _decision_line(d: Any) -> str:
+def _decision_line(d: Decision) -> str:
     return d.describe()
 
 

@@ -173,7 +173,7 @@ def run_demo(
         while time.monotonic() - t0 < seconds:
             time.sleep(0.5)
             elapsed = time.monotonic() - t0
-            done = sum(counters)
+            done = sum(int(c) for c in counters)
             last_line = (
                 f"\r[{elapsed:5.1f}s] committed {done:>9,}  aborted {aborted_seen:>7,}  "
                 f"{done / elapsed:>8,.0f} tx/s  seq {db.last_seq:,}"
@@ -184,14 +184,14 @@ def run_demo(
                 break
         elapsed = time.monotonic() - t0
         stop.set()
-        stopped = {}
+        stopped: dict[int, tuple[Any, ...]] = {}
         deadline = time.monotonic() + 120
         while len(stopped) < workers and time.monotonic() < deadline:
             msg = results.get(timeout=120)
             if msg[0] == "stopped":
                 stopped[msg[1]] = msg
         all_stopped.set()
-        finals = {}
+        finals: dict[int, tuple[Any, ...]] = {}
         while len(finals) < workers and time.monotonic() < deadline:
             msg = results.get(timeout=120)
             if msg[0] == "final":

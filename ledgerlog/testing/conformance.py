@@ -17,13 +17,14 @@ open it, and a way to depose a live writer).
 from __future__ import annotations
 
 import abc
+import itertools
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from ledgerlog.backends.base import Backend, Entry, LogReader
+from ledgerlog.backends.base import Backend, Entry, IntakeItem, LogReader
 from ledgerlog.codec import encode_intake, encode_record, encode_transaction
 from ledgerlog.errors import FencedError, NotElectedError
 from ledgerlog.model import START, Outcome, Put, Transaction, TxnId
@@ -99,7 +100,7 @@ def test_append_and_read_back_in_order(ledger: Backend) -> None:
     assert [e.data for e in got] == data
     positions = [e.position for e in got]
     assert positions == sorted(positions) and len(set(positions)) == 250
-    assert all(a.next <= b.position for a, b in zip(got, got[1:], strict=False))
+    assert all(a.next <= b.position for a, b in itertools.pairwise(got))
 
 
 def test_read_resumes_from_any_next_position(ledger: Backend) -> None:
@@ -142,9 +143,8 @@ def test_one_writer_at_a_time(harness: Harness) -> None:
     name = harness.new_ledger()
     a, b = harness.open(name), harness.open(name)
     try:
-        with a.campaign("w1", timeout=30):
-            with pytest.raises(NotElectedError):
-                b.campaign("w2", timeout=1.0)
+        with a.campaign("w1", timeout=30), pytest.raises(NotElectedError):
+            b.campaign("w2", timeout=1.0)
     finally:
         a.close()
         b.close()
@@ -209,7 +209,7 @@ def test_intake_preserves_each_producers_order(ledger: Backend) -> None:
             p.submit(f"{i}:{n}".encode())
     with ledger.campaign("w1", timeout=30) as lw:
         consumer = lw.intake(b"")
-        items = []
+        items: list[IntakeItem] = []
         deadline = time.monotonic() + 30
         while len(items) < 90 and time.monotonic() < deadline:
             items.extend(consumer.poll(64, timeout=0.2))
@@ -231,7 +231,7 @@ def test_intake_meta_resumes_after_visible_record(harness: Harness) -> None:
             p.submit(f"item-{n}".encode())
         lw = a.campaign("w1", timeout=30)
         consumer = lw.intake(b"")
-        first: list = []
+        first: list[IntakeItem] = []
         deadline = time.monotonic() + 30
         while len(first) < 20 and time.monotonic() < deadline:
             first.extend(consumer.poll(20 - len(first), timeout=0.2))
@@ -243,7 +243,7 @@ def test_intake_meta_resumes_after_visible_record(harness: Harness) -> None:
         lw.close()  # crashes before recording `pending`
         lw2 = a.campaign("w2", timeout=harness.takeover_timeout)
         consumer2 = lw2.intake(meta)
-        again: list = []
+        again: list[IntakeItem] = []
         deadline = time.monotonic() + 30
         while len(again) < len(pending) and time.monotonic() < deadline:
             again.extend(consumer2.poll(64, timeout=0.2))

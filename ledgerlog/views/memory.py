@@ -1,0 +1,238 @@
+"""An in-memory key-value view: the fastest replica, and the model the others are tested
+against.
+
+Each key maps to ``(value, version)``, the version being the seq of the last committed
+write to it. A delete removes the key but leaves a tombstone (key -> seq of the delete)
+for ``window`` seqs, so a client can still tell "deleted at seq S" from "never written"
+while its read_version is young enough for the validator to accept it. Events change no
+value and no version here: the validator alone tracks their conflict keys.
+
+Thread-safety: :meth:`apply` and every read take one re-entrant lock, so a read never
+sees half a batch. A single read is consistent on its own; to read several keys at the
+same seq, run them inside :meth:`snapshot_read`, which holds the lock for the whole
+callback (the lock is re-entrant, so the callback calls the ordinary read methods).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any, TypeVar
+
+import structlog
+from sortedcontainers import SortedDict, SortedList
+
+from ledgerlog.codec import OP_PUT
+from ledgerlog.errors import ConfigError, UsageError
+from ledgerlog.validator import DEFAULT_WINDOW
+from ledgerlog.views.base import Applied, Checkpoint, View
+
+__all__ = ["MemoryView"]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def check_batch(name: str, applied: Applied, next_seq: int, checkpoint: Checkpoint) -> None:
+    """Raise UsageError unless `applied` and `checkpoint` can follow a view at `next_seq`.
+
+    Runs before anything is mutated, so a refused batch leaves the view untouched. Shared
+    by every view: the rules are the interface's, not any one storage's.
+    """
+    if checkpoint.next_seq < next_seq:
+        raise UsageError(
+            f"view {name!r}: checkpoint next_seq {checkpoint.next_seq} is behind the "
+            f"view's next_seq {next_seq} (a checkpoint must never move backwards)"
+        )
+    prev = next_seq - 1
+    for seq, _txn in applied:
+        if seq <= prev:
+            if prev == next_seq - 1:
+                raise UsageError(
+                    f"view {name!r}: seq {seq} was already applied (view's next_seq is {next_seq})"
+                )
+            raise UsageError(f"view {name!r}: seqs not increasing ({seq} after {prev})")
+        prev = seq
+    if prev >= checkpoint.next_seq:
+        raise UsageError(
+            f"view {name!r}: seq {prev} is not below the checkpoint's next_seq "
+            f"{checkpoint.next_seq}"
+        )
+
+
+class MemoryView(View):
+    """Keys and values in memory, kept in key order for range reads."""
+
+    def __init__(self, *, window: int = DEFAULT_WINDOW, name: str = "memory") -> None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ConfigError(f"window must be a positive int of seqs, not {window!r}")
+        self.name = name
+        self.window = window
+        self._lock = threading.RLock()
+        # A plain dict plus a SortedList of its keys, rather than one SortedDict: the
+        # SortedDict's __setitem__ is a Python-level call per write, while this way a
+        # put to an existing key is a C-level membership test and store (measured about
+        # 1.45x faster applies once keys exist). Deletes are rarer, so tombstones keep
+        # the simpler SortedDict.
+        self._data: dict[str, tuple[Any, int]] = {}  # key -> (value, version)
+        self._keys = SortedList()  # the keys of _data, in order
+        self._tombs: SortedDict = SortedDict()  # key -> seq of its latest delete
+        # (seq, key) per delete in seq order, so pruning never scans the map. A put
+        # after a delete leaves the tombstone in place: versions come from _data first,
+        # and the newer put outranks it in max_version_in_range, so it is only dead
+        # weight until the window prunes it, which is cheaper than a lookup per put.
+        self._tomb_log: deque[tuple[int, str]] = deque()
+        self._checkpoint: Checkpoint | None = None
+        self._next_seq = 1
+
+    # -- View ------------------------------------------------------------------------------
+
+    def checkpoint(self) -> Checkpoint | None:
+        return self._checkpoint
+
+    def apply(self, applied: Applied, checkpoint: Checkpoint) -> None:
+        with self._lock:
+            check_batch(self.name, applied, self._next_seq, checkpoint)
+            # The hot path: locals only; the only calls are SortedList's, and only when
+            # a key appears or disappears.
+            data = self._data
+            keys_add = self._keys.add
+            keys_remove = self._keys.remove
+            tombs = self._tombs
+            tomb_append = self._tomb_log.append
+            put = OP_PUT
+            for seq, txn in applied:
+                for op, key, value in txn.writes:
+                    if op == put:
+                        if key not in data:
+                            keys_add(key)
+                        data[key] = (value, seq)
+                    else:
+                        if key in data:
+                            del data[key]
+                            keys_remove(key)
+                        tombs[key] = seq
+                        tomb_append((seq, key))
+            self._checkpoint = checkpoint
+            self._next_seq = checkpoint.next_seq
+            self._prune(checkpoint.next_seq - 1 - self.window)
+
+    def _prune(self, cutoff: int) -> None:
+        tomb_log = self._tomb_log
+        tombs = self._tombs
+        while tomb_log and tomb_log[0][0] <= cutoff:
+            seq, key = tomb_log.popleft()
+            if tombs.get(key) == seq:
+                del tombs[key]
+
+    # -- reads -----------------------------------------------------------------------------
+
+    @property
+    def applied_seq(self) -> int:
+        """The seq the view's contents are consistent at (0 before anything is applied)."""
+        return self._next_seq - 1
+
+    def snapshot_read(self, fn: Callable[[MemoryView], T]) -> T:
+        """Run ``fn(self)`` with no batch applied meanwhile; return what it returns.
+
+        Inside `fn`, every read (and :attr:`applied_seq`) sees the same seq. Keep `fn`
+        short: the reader's apply waits for it.
+        """
+        with self._lock:
+            return fn(self)
+
+    def get(self, key: str) -> Any | None:
+        """The key's value, or None if it is absent."""
+        with self._lock:
+            entry = self._data.get(key)
+        return None if entry is None else entry[0]
+
+    def get_versioned(self, key: str) -> tuple[Any, int] | None:
+        """``(value, version)``, or None if the key is absent."""
+        with self._lock:
+            return self._data.get(key)
+
+    def version(self, key: str) -> int:
+        """Seq of the key's last put or delete; 0 if never written, or if it was deleted
+        longer than ``window`` seqs ago (its tombstone is gone)."""
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is not None:
+                return int(entry[1])
+            return int(self._tombs.get(key, 0))
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def range(
+        self, start: str, end: str | None = None, limit: int | None = None
+    ) -> list[tuple[str, Any]]:
+        """``(key, value)`` for keys in [start, end) in key order, at most `limit` of them."""
+        with self._lock:
+            data = self._data
+            return [(k, data[k][0]) for k in self._keys_in(start, end, limit)]
+
+    def range_versioned(
+        self, start: str, end: str | None = None, limit: int | None = None
+    ) -> list[tuple[str, Any, int]]:
+        """``(key, value, version)`` for keys in [start, end), like :meth:`range`."""
+        with self._lock:
+            data = self._data
+            out: list[tuple[str, Any, int]] = []
+            for k in self._keys_in(start, end, limit):
+                value, version = data[k]
+                out.append((k, value, version))
+            return out
+
+    def max_version_in_range(self, start: str, end: str | None = None) -> int:
+        """Highest seq of any put or delete of a key in [start, end); 0 if none is known.
+
+        Lets a client see early that a range it read has changed since its read_version.
+        A hint, not a verdict: deletes older than ``window`` are forgotten (such a
+        read_version aborts as too old anyway) and events are not counted; the validator
+        decides. Costs a scan of the range.
+        """
+        if end is not None and end <= start:
+            return 0
+        with self._lock:
+            data = self._data
+            best = 0
+            for k in self._keys.irange(start, end, inclusive=(True, False)):
+                version = data[k][1]
+                if version > best:
+                    best = version
+            for k in self._tombs.irange(start, end, inclusive=(True, False)):
+                seq = self._tombs[k]
+                if seq > best:
+                    best = seq
+            return best
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Every ``(key, value)`` in key order."""
+        with self._lock:
+            data = self._data
+            return [(k, data[k][0]) for k in self._keys]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def tombstones(self) -> dict[str, int]:
+        """Deleted keys still remembered, with the seq of their delete (for tests, tools)."""
+        with self._lock:
+            data = self._data
+            return {k: s for k, s in self._tombs.items() if k not in data}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _keys_in(self, start: str, end: str | None, limit: int | None) -> Iterable[str]:
+        if limit is not None and limit < 0:
+            raise UsageError(f"limit must be >= 0, not {limit}")
+        if end is not None and end <= start:
+            return []
+        keys: Iterable[str] = self._keys.irange(start, end, inclusive=(True, False))
+        return keys if limit is None else islice(keys, limit)
