@@ -148,7 +148,7 @@ def run_demo(
         )
         stop = ctx.Event()
         all_stopped = ctx.Event()
-        counters = ctx.Array("q", workers)
+        counters: Any = ctx.Array("q", workers)
         results = ctx.Queue()
         procs = [
             ctx.Process(
@@ -173,7 +173,7 @@ def run_demo(
         while time.monotonic() - t0 < seconds:
             time.sleep(0.5)
             elapsed = time.monotonic() - t0
-            done = sum(int(c) for c in counters)
+            done = sum(counters[i] for i in range(workers))
             last_line = (
                 f"\r[{elapsed:5.1f}s] committed {done:>9,}  aborted {aborted_seen:>7,}  "
                 f"{done / elapsed:>8,.0f} tx/s  seq {db.last_seq:,}"
