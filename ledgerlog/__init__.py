@@ -19,9 +19,13 @@ public API; everything else is importable but private unless re-exported here.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
+
+import structlog
 
 from ledgerlog.backends.base import Backend
 from ledgerlog.client import AsyncClient, AsyncTx, Client, Tx, atransactional, open_backend
@@ -62,6 +66,14 @@ from ledgerlog.views import HandlerView, MemoryView, SQLiteView, View
 from ledgerlog.writer import Writer
 
 __version__ = "0.1.0"
+
+# A library should not print its info logs unless the application asks: if nobody has
+# configured structlog yet, keep ledgerlog's events at WARNING and above, on stderr.
+if not structlog.is_configured():
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
 
 _CLIENT_OPTIONS = frozenset({"client_id", "writer", "views", "window", "timeout", "start"})
 

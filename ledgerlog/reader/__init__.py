@@ -206,9 +206,10 @@ class Reader:
         for i, view in enumerate(self.views):
             floor = self._skip[i]
             if floor > 1:
+                if state.next_seq < floor:
+                    continue  # the view already holds all of this batch
                 part = [a for a in applied if a[0] >= floor]
-                if state.next_seq >= floor:
-                    self._skip[i] = 1
+                self._skip[i] = 1
             else:
                 part = applied
             view.apply(part, ck)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import attrs
 
 from ledgerlog.codec import WireTxn
+from ledgerlog.errors import UsageError
 from ledgerlog.model import Position
 
 
@@ -27,11 +28,47 @@ class Checkpoint:
     digest: bytes
     """The state digest after seq ``next_seq - 1``."""
     validator_state: bytes
-    """``ValidatorState.snapshot()`` at this point."""
+    """The reader's validator snapshot and the position it was taken at, opaque to views.
+    Empty means "unchanged": a snapshot costs O(window), so readers take one only now
+    and then, and a view keeps the last non-empty one (see :func:`carry_snapshot`)."""
 
 
 Applied = Sequence[tuple[int, WireTxn]]
 """Committed transactions with their seqs, in seq order."""
+
+
+def carry_snapshot(old: Checkpoint | None, new: Checkpoint) -> Checkpoint:
+    """`new`, keeping `old`'s validator snapshot when `new` carries none."""
+    if new.validator_state or old is None:
+        return new
+    return attrs.evolve(new, validator_state=old.validator_state)
+
+
+def check_batch(name: str, applied: Applied, next_seq: int, checkpoint: Checkpoint) -> None:
+    """Raise UsageError unless `applied` and `checkpoint` can follow a view at `next_seq`.
+
+    Runs before anything is mutated, so a refused batch leaves the view untouched. Shared
+    by every view: the rules are the interface's, not any one storage's.
+    """
+    if checkpoint.next_seq < next_seq:
+        raise UsageError(
+            f"view {name!r}: checkpoint next_seq {checkpoint.next_seq} is behind the "
+            f"view's next_seq {next_seq} (a checkpoint must never move backwards)"
+        )
+    prev = next_seq - 1
+    for seq, _txn in applied:
+        if seq <= prev:
+            if prev == next_seq - 1:
+                raise UsageError(
+                    f"view {name!r}: seq {seq} was already applied (view's next_seq is {next_seq})"
+                )
+            raise UsageError(f"view {name!r}: seqs not increasing ({seq} after {prev})")
+        prev = seq
+    if prev >= checkpoint.next_seq:
+        raise UsageError(
+            f"view {name!r}: seq {prev} is not below the checkpoint's next_seq "
+            f"{checkpoint.next_seq}"
+        )
 
 
 class View(abc.ABC):

@@ -41,8 +41,7 @@ import structlog
 from ledgerlog.codec import wire_to_transaction
 from ledgerlog.errors import BackendError, ClosedError, ConfigError, HandlerError, UsageError
 from ledgerlog.model import Transaction
-from ledgerlog.views.base import Applied, Checkpoint, View
-from ledgerlog.views.memory import check_batch
+from ledgerlog.views.base import Applied, Checkpoint, View, carry_snapshot, check_batch
 from ledgerlog.views.sqlite import (
     check_prefix,
     checkpoint_table_sql,
@@ -147,7 +146,7 @@ class HandlerView(View):
                     raise BackendError(
                         f"view {self.name!r}: cannot store its checkpoint: {exc}"
                     ) from exc
-            self._checkpoint = checkpoint
+            self._checkpoint = carry_snapshot(self._checkpoint, checkpoint)
 
     def _call_all(self, applied: Applied) -> None:
         fn = self.fn
@@ -191,7 +190,7 @@ class HandlerView(View):
             if isinstance(exc, sqlite3.Error):
                 raise BackendError(f"view {self.name!r}: apply failed: {exc}") from exc
             raise
-        self._checkpoint = ckpt
+        self._checkpoint = carry_snapshot(self._checkpoint, ckpt)
 
     def close(self) -> None:
         """Close the checkpoint file (a `store` connection stays open: it is yours)."""

@@ -27,40 +27,13 @@ from sortedcontainers import SortedDict, SortedList
 from ledgerlog.codec import OP_PUT
 from ledgerlog.errors import ConfigError, UsageError
 from ledgerlog.validator import DEFAULT_WINDOW
-from ledgerlog.views.base import Applied, Checkpoint, View
+from ledgerlog.views.base import Applied, Checkpoint, View, carry_snapshot, check_batch
 
 __all__ = ["MemoryView"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-
-def check_batch(name: str, applied: Applied, next_seq: int, checkpoint: Checkpoint) -> None:
-    """Raise UsageError unless `applied` and `checkpoint` can follow a view at `next_seq`.
-
-    Runs before anything is mutated, so a refused batch leaves the view untouched. Shared
-    by every view: the rules are the interface's, not any one storage's.
-    """
-    if checkpoint.next_seq < next_seq:
-        raise UsageError(
-            f"view {name!r}: checkpoint next_seq {checkpoint.next_seq} is behind the "
-            f"view's next_seq {next_seq} (a checkpoint must never move backwards)"
-        )
-    prev = next_seq - 1
-    for seq, _txn in applied:
-        if seq <= prev:
-            if prev == next_seq - 1:
-                raise UsageError(
-                    f"view {name!r}: seq {seq} was already applied (view's next_seq is {next_seq})"
-                )
-            raise UsageError(f"view {name!r}: seqs not increasing ({seq} after {prev})")
-        prev = seq
-    if prev >= checkpoint.next_seq:
-        raise UsageError(
-            f"view {name!r}: seq {prev} is not below the checkpoint's next_seq "
-            f"{checkpoint.next_seq}"
-        )
 
 
 class MemoryView(View):
@@ -116,7 +89,7 @@ class MemoryView(View):
                             keys_remove(key)
                         tombs[key] = seq
                         tomb_append((seq, key))
-            self._checkpoint = checkpoint
+            self._checkpoint = carry_snapshot(self._checkpoint, checkpoint)
             self._next_seq = checkpoint.next_seq
             self._prune(checkpoint.next_seq - 1 - self.window)
 

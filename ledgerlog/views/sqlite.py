@@ -38,8 +38,7 @@ import structlog
 from ledgerlog.codec import OP_PUT, decode_value, encode_value
 from ledgerlog.errors import BackendError, ClosedError, ConfigError, UsageError
 from ledgerlog.model import Position
-from ledgerlog.views.base import Applied, Checkpoint, View
-from ledgerlog.views.memory import check_batch
+from ledgerlog.views.base import Applied, Checkpoint, View, check_batch
 
 __all__ = ["SQLiteView"]
 
@@ -83,8 +82,12 @@ def load_checkpoint(conn: sqlite3.Connection, table: str) -> Checkpoint | None:
 
 def store_checkpoint(conn: sqlite3.Connection, table: str, ckpt: Checkpoint) -> None:
     conn.execute(
-        f"INSERT OR REPLACE INTO {table} (id, major, minor, next_seq, digest, validator_state) "
-        "VALUES (1, ?, ?, ?, ?, ?)",
+        f"INSERT INTO {table} (id, major, minor, next_seq, digest, validator_state) "
+        "VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET major = excluded.major, "
+        "minor = excluded.minor, next_seq = excluded.next_seq, digest = excluded.digest, "
+        # An empty snapshot means "unchanged" (see Checkpoint.validator_state).
+        "validator_state = CASE WHEN length(excluded.validator_state) > 0 "
+        "THEN excluded.validator_state ELSE validator_state END",
         (
             ckpt.position.major,
             ckpt.position.minor,
