@@ -28,7 +28,15 @@ from typing import Any
 import structlog
 
 from ledgerlog.backends.base import Backend
-from ledgerlog.client import AsyncClient, AsyncTx, Client, Tx, atransactional, open_backend
+from ledgerlog.client import (
+    AsyncClient,
+    AsyncTx,
+    Client,
+    Tx,
+    atransactional,
+    check_client_options,
+    open_backend,
+)
 from ledgerlog.client import transactional as transactional
 from ledgerlog.errors import (
     BackendError,
@@ -94,17 +102,41 @@ def open(
     missing), a ``pulsar://`` or ``bookkeeper://`` URL, or a Backend object. Other keyword
     arguments go to the backend (e.g. ``fsync=False`` for the file backend).
     """
+    check_client_options(client_id=client_id, writer=writer, window=window, timeout=timeout)
     backend = open_backend(target, **backend_options)
-    return Client(
-        backend, client_id=client_id, writer=writer, views=views, window=window, timeout=timeout
-    )
+    try:
+        return Client(
+            backend,
+            client_id=client_id,
+            writer=writer,
+            views=views,
+            window=window,
+            timeout=timeout,
+            owns_backend=not isinstance(target, Backend),
+        )
+    except BaseException:
+        if not isinstance(target, Backend):
+            backend.close()
+        raise
 
 
 async def aopen(target: str | os.PathLike[str] | Backend, **options: Any) -> AsyncClient:
     """The asyncio twin of :func:`open`."""
     client_opts = {k: v for k, v in options.items() if k in _CLIENT_OPTIONS}
     backend_opts = {k: v for k, v in options.items() if k not in _CLIENT_OPTIONS}
-    return AsyncClient(open_backend(target, **backend_opts), **client_opts)
+    check_client_options(
+        client_id=client_opts.get("client_id"),
+        writer=client_opts.get("writer", "auto"),
+        window=client_opts.get("window", DEFAULT_WINDOW),
+        timeout=client_opts.get("timeout", 30.0),
+    )
+    backend = open_backend(target, **backend_opts)
+    try:
+        return AsyncClient(backend, owns_backend=not isinstance(target, Backend), **client_opts)
+    except BaseException:
+        if not isinstance(target, Backend):
+            backend.close()
+        raise
 
 
 __all__ = [

@@ -111,14 +111,6 @@ def test_demo_subprocess(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: run_demo's `out: TextIO = sys.stdout` default (ledgerlog/cli/demo.py) is "
-    "bound when the module is imported and the demo command does not pass `out`, so its "
-    "report goes to whatever sys.stdout was at import time (lost under CliRunner, "
-    "capsys, or any caller that redirects stdout); fix: default out=None -> sys.stdout "
-    "at call time, or pass click's stream from the command",
-)
 def test_demo_in_process_writes_to_current_stdout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,11 +230,15 @@ def test_tail_from_seq(sample: Sample, capsys: pytest.CaptureFixture[str]) -> No
 def test_tail_json_no_follow(sample: Sample, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(["tail", "--json", "--no-follow", str(sample.path)], capsys)
     assert rc == 0, err
-    rows = [json.loads(line) for line in out.splitlines()]
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0] == {"type": "epoch", "epoch": 1, "writer_id": WRITER_ID}
+    rows = [r for r in lines if r["type"] == "decision"]
+    assert len(rows) == len(lines) - 1
     assert [r["seq"] for r in rows] == [1, 2, 3, 4]
     a_seq, a_id = sample.aborted
     for r in rows:
         assert set(r) == {
+            "type",
             "seq",
             "txn_id",
             "outcome",
@@ -253,6 +249,7 @@ def test_tail_json_no_follow(sample: Sample, capsys: pytest.CaptureFixture[str])
         }
         if r["seq"] == a_seq:
             assert r == {
+                "type": "decision",
                 "seq": a_seq,
                 "txn_id": a_id,
                 "outcome": "aborted",
@@ -273,7 +270,7 @@ def test_tail_subprocess(sample: Sample) -> None:
     assert "aborted at seq 3: conflict on key 'a'" in out.stdout
     out = run_module("tail", "--json", "--no-follow", str(sample.path))
     assert out.returncode == 0, out.stderr
-    assert len(out.stdout.splitlines()) == 4
+    assert len(out.stdout.splitlines()) == 5  # the epoch start, then 4 decisions
 
 
 # -- errors -----------------------------------------------------------------------------------

@@ -711,13 +711,6 @@ def test_two_client_processes_agree_after_sync(db: ledgerlog.Client, ledger: Pat
     assert fresh_digest(ledger) == (seq, db.digest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Tx.range checks max_version_in_range and reads view.range under two "
-    "separate lock acquisitions (ledgerlog/client/__init__.py, Tx.range); a batch applied "
-    "in between leaks post-read_version rows into the snapshot, and a read-only "
-    "transaction then 'commits' without validation",
-)
 def test_range_is_a_snapshot_even_when_a_batch_lands_mid_read(
     db: ledgerlog.Client, db2: ledgerlog.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:

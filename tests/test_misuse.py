@@ -175,12 +175,6 @@ def test_bad_writer_option(ledger: Path, writer: Any) -> None:
     assert repr(writer) in str(ei.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ledgerlog.open builds the FileBackend (creating the ledger directory) "
-    "before Client.__init__ validates window/writer/client_id, although ConfigError is "
-    "documented as 'raised before any I/O is attempted' (ledgerlog/errors.py)",
-)
 def test_config_errors_leave_nothing_behind(tmp_path: Path) -> None:
     for i, bad in enumerate([{"window": 0}, {"writer": "yes"}, {"client_id": "bad id"}]):
         target = tmp_path / f"l{i}"
@@ -220,13 +214,6 @@ def test_non_str_keys_in_writes_and_ranges(db: ledgerlog.Client, key: Any) -> No
     assert tx.commit().committed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Tx.get/Tx.__getitem__/Tx.add_read (ledgerlog/client/__init__.py) never "
-    "check the key type: tx.get(1) looks 1 up in the view, finds nothing and returns the "
-    "default as if the key were absent; the TypeError only comes from to_transaction() "
-    "at commit (never, for a read-only transaction)",
-)
 def test_non_str_key_in_reads(db: ledgerlog.Client) -> None:
     tx = db.transaction()
     with pytest.raises(TypeError, match="str key"):
@@ -241,12 +228,6 @@ def test_range_bounds_misuse(db: ledgerlog.Client) -> None:
         db.view.range("a", "b", limit=-1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Tx.range (ledgerlog/client/__init__.py) applies `limit` as out[:limit] "
-    "without checking it, so limit=-1 silently drops the last row instead of raising "
-    "UsageError like MemoryView.range does",
-)
 def test_negative_range_limit_in_a_transaction(db: ledgerlog.Client) -> None:
     with db.transaction() as t:
         t.put("a", 1)

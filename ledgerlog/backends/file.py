@@ -145,6 +145,8 @@ class FileBackend(Backend):
         marker = self.path / "LEDGER"
         if not marker.exists():
             if not create:
+                if self.path.is_dir() and any(self.path.iterdir()):
+                    raise ConfigError(f"{self.path} is not a ledgerlog ledger")
                 raise LedgerNotFoundError(f"no ledger at {self.path}")
             if self.path.exists() and any(self.path.iterdir()):
                 raise ConfigError(f"{self.path} exists and is not a ledgerlog ledger")

@@ -128,6 +128,7 @@ def tail(ledger: str, from_seq: int, follow: bool, as_json: bool, window: int) -
                 click.echo(
                     json.dumps(
                         {
+                            "type": "decision",
                             "seq": d.seq,
                             "txn_id": str(d.txn_id) if d.txn_id else None,
                             "outcome": d.outcome.value,
@@ -140,8 +141,13 @@ def tail(ledger: str, from_seq: int, follow: bool, as_json: bool, window: int) -
                 )
             else:
                 click.echo(_decision_line(d))
-        if res.kind == "epoch" and not as_json:
-            click.echo(f"-- epoch {res.epoch} started by writer {res.writer_id}")
+        if res.kind == "epoch":
+            if as_json:
+                click.echo(
+                    json.dumps({"type": "epoch", "epoch": res.epoch, "writer_id": res.writer_id})
+                )
+            else:
+                click.echo(f"-- epoch {res.epoch} started by writer {res.writer_id}")
 
 
 @cli.command()

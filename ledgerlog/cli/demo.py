@@ -114,9 +114,11 @@ def run_demo(
     threads: int = 8,
     accounts: int = 1_000,
     seconds: float = 10.0,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     keep: bool = False,
 ) -> DemoResult:
+    if out is None:
+        out = sys.stdout  # resolved now, not at import: callers may have redirected it
     tmp = None
     if path is None:
         tmp = tempfile.mkdtemp(prefix="ledgerlog-demo-")

@@ -75,6 +75,22 @@ R = TypeVar("R")
 _MISSING = object()
 
 
+def check_client_options(
+    *, client_id: str | None, writer: str | None, window: int, timeout: float
+) -> None:
+    """Refuse bad options before anything is opened or created."""
+    if writer not in ("auto", None):
+        raise ConfigError(f"writer must be 'auto' or None, not {writer!r}")
+    if client_id is not None:
+        from ledgerlog.backends.file import check_client_id
+
+        check_client_id(client_id)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConfigError(f"window must be a positive int of seqs, not {window!r}")
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
 def default_client_id() -> str:
     host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:24]
     return f"{host or 'host'}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -107,6 +123,11 @@ def open_backend(target: str | os.PathLike[str] | Backend, **options: Any) -> Ba
             raise ConfigError(f"the BookKeeper backend is not available here: {exc}") from exc
         return BookKeeperBackend.from_url(text, **options)  # type: ignore[no-any-return]
     raise ConfigError(f"unknown ledger URL scheme {scheme!r} in {text!r}")
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"must be a str key, not {type(key).__name__} ({key!r})")
 
 
 class Tx:
@@ -146,11 +167,13 @@ class Tx:
     def get(self, key: str, default: Any = None) -> Any:
         """The key's value as of read_version (or as this transaction wrote it)."""
         self._check()
+        _check_key(key)
         w = self._writes.get(key)
         if w is not None:
             return w.value if isinstance(w, Put) else default
-        got = self._view.get_versioned(key)
-        version = got[1] if got is not None else self._view.version(key)
+        got, version = self._view.snapshot_read(lambda v: (v.get_versioned(key), v.version(key)))
+        if got is not None:
+            version = got[1]
         if version > self.read_version:
             raise self._conflict(key, version)
         self._reads[key] = None
@@ -171,11 +194,23 @@ class Tx:
         by a concurrent transaction aborts this one, which prevents phantoms.
         """
         self._check()
+        _check_key(start)
+        if end is not None:
+            _check_key(end)
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"limit must be >= 0 (an int), not {limit!r}")
         kr = KeyRange(start, end)
-        newest = self._view.max_version_in_range(start, end)
+        view = self._view
+
+        def read(v: MemoryView) -> tuple[list[tuple[str, Any, int]], int]:
+            # One lock for both: no batch may land between the check and the read.
+            return v.range_versioned(start, end), v.max_version_in_range(start, end)
+
+        rows_v, newest = view.snapshot_read(read)
         if newest > self.read_version:
-            raise self._conflict(start, newest)
-        rows = dict(self._view.range(start, end))
+            changed = [k for k, _v, ver in rows_v if ver > self.read_version]
+            raise self._conflict(changed[0] if changed else start, newest)
+        rows = {k: v for k, v, _ver in rows_v}
         for k, w in self._writes.items():
             if k in kr:
                 if isinstance(w, Put):
@@ -214,6 +249,7 @@ class Tx:
     def add_read(self, key: str) -> None:
         """Declare a read without reading (makes a write conditional on the key)."""
         self._check()
+        _check_key(key)
         self._reads[key] = None
 
     # Commit -------------------------------------------------------------------------------
@@ -310,19 +346,24 @@ class Client:
         window: int = DEFAULT_WINDOW,
         timeout: float = 30.0,
         start: bool = True,
+        owns_backend: bool = False,
     ) -> None:
-        if writer not in ("auto", None):
-            raise ConfigError(f"writer must be 'auto' or None, not {writer!r}")
+        check_client_options(client_id=client_id, writer=writer, window=window, timeout=timeout)
         self.backend = backend
-        self.client_id = client_id or default_client_id()
+        self.owns_backend = owns_backend
+        self.client_id = default_client_id() if client_id is None else client_id
         self.timeout = timeout
         self.view = MemoryView(window=window)
         self.reader = Reader(backend, [self.view, *views], window=window, name=self.client_id)
+        try:
+            self._intake: IntakeProducer = backend.intake_producer(self.client_id)
+        except BaseException:
+            self.reader.close()
+            raise
         # Seqs that survive restarts under a fixed client_id: a restarted client must not
         # reuse the ids of transactions the validator still remembers.
         self._client_seq = itertools.count(time.time_ns() // 1000)
         self._seq_lock = threading.Lock()
-        self._intake: IntakeProducer = backend.intake_producer(self.client_id)
         self._latency = metrics.COMMIT_LATENCY.labels(backend.ledger)
         self.writer: Writer | None = None
         if writer == "auto":
@@ -413,10 +454,14 @@ class Client:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The replica's current value (not a serializable read: see :meth:`sync`)."""
+        self._check()
+        _check_key(key)
         got = self.view.get_versioned(key)
         return default if got is None else got[0]
 
     def range(self, start: str, end: str | None = None) -> list[tuple[str, Any]]:
+        """The replica's current keys in [start, end) (not serializable: see :meth:`sync`)."""
+        self._check()
         return self.view.range(start, end)
 
     def sync(self, timeout: float | None = None) -> int:
@@ -458,6 +503,8 @@ class Client:
             self.writer.stop()
         self._intake.close()
         self.reader.close()
+        if self.owns_backend:
+            self.backend.close()
 
     def __enter__(self) -> Client:
         return self
@@ -565,7 +612,12 @@ class AsyncTx:
                 self._client.sync_client.timeout if timeout is None else timeout,
             )
         except TimeoutError:
-            raise CommitUnknownError(f"no decision for {self.txn_id} in time") from None
+            tid = self.txn_id
+            self._client.sync_client.reader.unwatch(tid.client_id, tid.client_seq, fut)
+            raise CommitUnknownError(
+                f"no decision for {tid} in time; it may still commit "
+                "(resubmitting the same transaction is safe)"
+            ) from None
         self._tx.decision = d
         if not d.committed:
             raise ConflictError(d) if d.reason is AbortReason.CONFLICT else TransactionAborted(d)
@@ -605,6 +657,17 @@ class AsyncClient:
     @property
     def last_seq(self) -> int:
         return self.sync_client.last_seq
+
+    @property
+    def digest(self) -> bytes:
+        return self.sync_client.digest
+
+    @property
+    def client_id(self) -> str:
+        return self.sync_client.client_id
+
+    async def wait_writer(self, timeout: float = 30.0) -> None:
+        await asyncio.to_thread(self.sync_client.wait_writer, timeout)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.sync_client.close)
