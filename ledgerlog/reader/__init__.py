@@ -154,6 +154,8 @@ class Reader:
             raise ClosedError(f"reader {self.name} is closed")
         entries = self._log_reader.read(max_entries, timeout)
         if not entries:
+            # The cursor may still have moved (past a seal, say): nothing to apply there.
+            self._position = self._log_reader.position
             return []
         state = self.state
         results: list[EntryResult] = []
@@ -175,7 +177,8 @@ class Reader:
                 self._log.warning("malformed entry", detail=res.detail, at=str(e.position))
             elif res.kind == "epoch":
                 self._log.info("new epoch", epoch=res.epoch, writer=res.writer_id)
-        position = entries[-1].next
+        # Where the next read starts: past these entries, and past any seal after them.
+        position = self._log_reader.position
         self._apply(applied, position)
         self._position = position
         self.entries_read += len(entries)

@@ -187,7 +187,8 @@ class Writer:
         m_records = metrics.WRITER_RECORDS.labels(ledger)
         m_txns = metrics.WRITER_TXNS.labels(ledger)
         m_seq = metrics.WRITER_NEXT_SEQ.labels(ledger)
-        self._log.info("serving", epoch=state.epoch, next_seq=state.next_seq)
+        log_ = self._log.bind(epoch=state.epoch)
+        log_.info("serving", next_seq=state.next_seq)
         metrics.WRITER_EPOCH.labels(ledger).set(state.epoch)
         self.elected.set()
         if self.on_elected is not None:

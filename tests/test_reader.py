@@ -1,0 +1,55 @@
+"""Reader behaviours not covered by the conformance suite."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import ledgerlog
+from ledgerlog.backends.file import FileBackend
+
+
+@pytest.mark.timeout(60)
+def test_sync_returns_when_the_last_entry_is_followed_by_a_seal(tmp_path: Path) -> None:
+    # Every append overflows the segment, so the writer seals it right after each record:
+    # the reader's cursor then sits past a seal, with nothing left to apply.
+    backend = FileBackend(tmp_path / "x", segment_bytes=4096)
+    with ledgerlog.open(backend, client_id="a") as db:
+        db.wait_writer()
+        for i in range(5):
+            with db.transaction() as tx:
+                tx.put(f"k{i}", "x" * 5000)
+        started = time.monotonic()
+        assert db.sync(timeout=10) == 5
+        assert time.monotonic() - started < 5
+        assert len(list((tmp_path / "x" / "segments").iterdir())) >= 6
+
+
+@pytest.mark.timeout(60)
+def test_reader_restarts_from_its_views_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    with ledgerlog.open(path, client_id="w") as db:
+        db.wait_writer()
+        for i in range(30):
+            with db.transaction() as tx:
+                tx.put(f"k{i}", i)
+        db.sync()
+        digest = db.digest
+    view = ledgerlog.SQLiteView(tmp_path / "view.db")
+    backend = FileBackend(path)
+    r = ledgerlog.Reader(backend, [view], name="durable")
+    r.catch_up(timeout=10)
+    assert r.last_seq == 30 and r.digest == digest
+    r.close()
+    view.close()
+    # A new reader resumes where the view's checkpoint says, not from seq 1.
+    view = ledgerlog.SQLiteView(tmp_path / "view.db")
+    r = ledgerlog.Reader(backend, [view], name="durable")
+    assert r.state.next_seq == 31
+    assert r.position > ledgerlog.Position(0, 0)
+    assert r.poll(timeout=0.2) == []
+    assert view.get("k29") == 29 and len(view) == 30
+    r.close()
+    view.close()
