@@ -60,7 +60,13 @@ def cli(verbose: int, metrics_port: int | None) -> None:
 
 
 @cli.command()
-@click.option("--path", default=None, help="Ledger directory (default: a temporary one).")
+@click.option(
+    "--ledger",
+    "--path",
+    "path",
+    default=None,
+    help="Ledger directory or URL (default: a temporary embedded ledger).",
+)
 @click.option("--workers", default=3, show_default=True, help="Client processes.")
 @click.option("--threads", default=8, show_default=True, help="Threads per client process.")
 @click.option("--accounts", default=1000, show_default=True, help="Bank accounts.")
