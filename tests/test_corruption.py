@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import Symptom, replay, symptom
+from procs import replay, symptom
 
 from ledgerlog.backends import _frames as fr
 from ledgerlog.backends.file import FileBackend
@@ -337,15 +337,6 @@ def test_huge_frame_length_is_skipped(
     assert sum(1 for x in mine["entries"] if x[4] == "malformed") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: _frames.py _valid_at() returns -1 ('may still be being written') for any "
-        "frame whose length (<= MAX_FRAME) runs past EOF, even in a sealed segment with "
-        "valid frames after it; parse() stops there and every reader stalls for good"
-    ),
-    raises=Symptom,
-)
 @pytest.mark.timeout(60)
 def test_plausible_but_wrong_frame_length_in_sealed_segment(
     pristine: Any, pool: Any, tmp_path: Path
@@ -363,15 +354,6 @@ def test_plausible_but_wrong_frame_length_in_sealed_segment(
     symptom(mine["last_seq"] == pristine["n"], "readers stalled at the corrupt length")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: file.py FileLogWriter._take_over() calls _truncate_torn_tail() on the segment "
-        "where the chain cursor stalled; after a corrupt length in a sealed segment that "
-        "'torn tail' is committed data plus the seal, and the election deletes it"
-    ),
-    raises=Symptom,
-)
 @pytest.mark.timeout(60)
 def test_election_never_truncates_frames_behind_corruption(tmp_path: Path, pristine: Any) -> None:
     recs = [e for e in pristine["res"]["entries"] if e[4] == "record" and e[0] == 2]

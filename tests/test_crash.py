@@ -19,7 +19,6 @@ from procs import (
     Decisions,
     Proc,
     Submitter,
-    Symptom,
     assert_exactly_once,
     kill_all,
     kind_of,
@@ -95,16 +94,6 @@ def test_writer_kill9_midstream_standby_takes_over(tmp_path: Path) -> None:
 # -- kill -9 at the worst instants of the segment chain --------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: file.py FileLogWriter._state_through() falls back to SequencerState() (epoch 0, "
-        "seq 1) when a writer died between sealing a segment towards a new one and writing "
-        "the new segment's header: the next writer starts epoch 1 again and every record "
-        "it appends is rejected as stale, so acknowledged transactions never commit"
-    ),
-    raises=Symptom,
-)
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("crash_at", ["roll", "takeover"])
 def test_writer_kill9_between_seal_and_header(tmp_path: Path, crash_at: str) -> None:

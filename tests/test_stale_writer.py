@@ -17,7 +17,6 @@ from procs import (
     Decisions,
     Proc,
     Submitter,
-    Symptom,
     assert_exactly_once,
     kill_all,
     new_ledger,
@@ -141,16 +140,6 @@ def test_sigstopped_writer_is_fenced_after_takeover(tmp_path: Path) -> None:
             dec.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: file.py _campaign() holds election.lock (a plain flock, no lease) for the whole "
-        "wait on writer.lock; a standby paused while holding it (Writer.run re-campaigns "
-        "every 0.25 s, so it holds it nearly all the time) blocks every other standby from "
-        "ever being elected, even after the writer dies"
-    ),
-    raises=Symptom,
-)
 @pytest.mark.timeout(90)
 def test_sigstopped_standby_does_not_block_election(tmp_path: Path) -> None:
     path = new_ledger(tmp_path)

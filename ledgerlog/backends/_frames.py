@@ -1,9 +1,12 @@
 """Framing for the file backend's segment and intake files.
 
-A frame is ``magic(4) type(1) length(4) crc32(4) payload``. Frames make a torn tail
-recognisable (a frame whose bytes are not all there yet) and corruption recognisable (a
-complete frame whose checksum fails); after corruption, parsing resynchronises at the
-next complete frame whose checksum holds, so every reader skips exactly the same bytes.
+A frame is ``magic(4) type(1) length(4) crc32(4) header_crc32(4) payload``. Frames make
+a torn tail recognisable (a frame whose bytes are not all there yet) and corruption
+recognisable (a header or payload whose checksum fails); after corruption, parsing
+resynchronises at the next complete frame whose checksums hold, so every reader skips
+exactly the same bytes. The header's own checksum matters for the length field: a
+corrupt length could otherwise pass for a frame still being written, and stall readers
+for good.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Final
 import attrs
 
 FRAME_MAGIC: Final = b"\xa7LLF"
-_FRAME = struct.Struct(">4sBII")
+_FRAME = struct.Struct(">4sBIII")
+_HEAD = struct.Struct(">4sBII")
 FRAME_HEADER: Final = _FRAME.size
 MAX_FRAME: Final = 256 * 1024 * 1024
 """Lengths above this are corruption, not data (keeps a bad length from stalling a reader)."""
@@ -31,7 +35,8 @@ _TYPES: Final = frozenset({F_ENTRY, F_HEADER, F_SEAL, F_CLOSED})
 
 
 def frame(ftype: int, payload: bytes) -> bytes:
-    return _FRAME.pack(FRAME_MAGIC, ftype, len(payload), zlib.crc32(payload)) + payload
+    head = _HEAD.pack(FRAME_MAGIC, ftype, len(payload), zlib.crc32(payload))
+    return head + zlib.crc32(head).to_bytes(4, "big") + payload
 
 
 @attrs.frozen
@@ -47,8 +52,10 @@ def _valid_at(buf: bytes | memoryview, pos: int) -> int:
     n = len(buf)
     if n - pos < FRAME_HEADER:
         return -1 if bytes(buf[pos : pos + 4]) == FRAME_MAGIC[: n - pos] else 0
-    magic, ftype, length, crc = _FRAME.unpack_from(buf, pos)
+    magic, ftype, length, crc, hcrc = _FRAME.unpack_from(buf, pos)
     if magic != FRAME_MAGIC or ftype not in _TYPES or length > MAX_FRAME:
+        return 0
+    if zlib.crc32(buf[pos : pos + _HEAD.size]) != hcrc:
         return 0
     end = pos + FRAME_HEADER + length
     if end > n:
@@ -56,6 +63,22 @@ def _valid_at(buf: bytes | memoryview, pos: int) -> int:
     if zlib.crc32(buf[pos + FRAME_HEADER : end]) != crc:
         return 0
     return int(end)
+
+
+def _next_valid(buf: bytes, mv: memoryview, start: int) -> int:
+    """Offset of the first complete, valid frame at or after `start`; -1 if there is none
+    or if a frame that may still be arriving comes first."""
+    nxt = start
+    while True:
+        nxt = buf.find(FRAME_MAGIC, nxt)
+        if nxt < 0:
+            return -1
+        e = _valid_at(mv, nxt)
+        if e > 0:
+            return nxt
+        if e < 0:
+            return -1
+        nxt += 1
 
 
 def parse(buf: bytes, base: int) -> tuple[list[Frame], int]:
@@ -73,26 +96,14 @@ def parse(buf: bytes, base: int) -> tuple[list[Frame], int]:
     while pos < n:
         end = _valid_at(mv, pos)
         if end > 0:
-            _magic, ftype, _length, _crc = _FRAME.unpack_from(mv, pos)
+            ftype = mv[pos + 4]
             frames.append(Frame(ftype, base + pos, base + end, bytes(mv[pos + FRAME_HEADER : end])))
             pos = end
             continue
         if end < 0:
-            break
-        # Corrupt: look for the next valid frame.
-        nxt = pos + 1
-        found = -1
-        while True:
-            nxt = buf.find(FRAME_MAGIC, nxt)
-            if nxt < 0:
-                break
-            e = _valid_at(mv, nxt)
-            if e > 0:
-                found = nxt
-                break
-            if e < 0:
-                break  # a frame may be arriving there: undecided yet
-            nxt += 1
+            break  # unfinished: wait for the rest (or for recovery to truncate a torn tail)
+        # Corrupt: skip to the next valid frame, once there is one.
+        found = _next_valid(buf, mv, pos + 1)
         if found < 0:
             break
         frames.append(Frame(F_BAD, base + pos, base + found, bytes(mv[pos:found])))
@@ -113,7 +124,7 @@ def read_frames(fd: int, offset: int, max_bytes: int = CHUNK) -> tuple[list[Fram
         # Read enough for at least one large frame; the rest waits for the next call.
         head = os.pread(fd, FRAME_HEADER, offset)
         if len(head) == FRAME_HEADER:
-            magic, _t, length, _c = _FRAME.unpack(head)
+            magic, _t, length, _c, _h = _FRAME.unpack(head)
             if magic == FRAME_MAGIC and length <= MAX_FRAME:
                 want = max(max_bytes, min(want, FRAME_HEADER + length))
             else:

@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+import attrs
 import msgspec
 import structlog
 
@@ -330,56 +331,80 @@ def _try_flock(fd: int) -> bool:
 def _campaign(backend: FileBackend, writer_id: str, timeout: float | None) -> FileLogWriter:
     deadline = float("inf") if timeout is None else time.monotonic() + timeout
     path = backend.path
-    efd = os.open(path / "election.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    election = path / "election.lock"
+    efd = os.open(election, os.O_RDWR | os.O_CREAT, 0o644)
+    waiting_since = time.monotonic()
     try:
-        while not _try_flock(efd):
-            if time.monotonic() >= deadline:
-                raise NotElectedError(f"{writer_id}: not elected within {timeout}s")
-            time.sleep(0.02)
-        lock_path = path / "writer.lock"
         while True:
-            lfd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            if _try_flock(lfd):
+            # election.lock lets one candidate at a time try writer.lock, so two never
+            # break an expired lease together. It is held only for that one try, so a
+            # candidate that stands by (or is paused) does not keep others waiting.
+            if _try_flock(efd):
                 try:
-                    same = os.fstat(lfd).st_ino == os.stat(lock_path).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    clean = True
+                    got = _try_writer_lock(backend, writer_id)
+                finally:
+                    fcntl.flock(efd, fcntl.LOCK_UN)
+                if got is not None:
+                    lfd, clean = got
                     break
-                os.close(lfd)  # replaced under us: try the new one
+                waiting_since = time.monotonic()
+            elif time.monotonic() - waiting_since > backend.lease_timeout:
+                # Held far longer than one try takes: its holder hangs. Replace the file
+                # so the next try does not wait for it.
+                os.close(efd)
+                tmp = path / f"election.lock.{os.getpid()}.{secrets.token_hex(4)}"
+                tmp.touch()
+                os.replace(tmp, election)
+                efd = os.open(election, os.O_RDWR | os.O_CREAT, 0o644)
+                waiting_since = time.monotonic()
                 continue
-            try:
-                age = time.time() - os.fstat(lfd).st_mtime
-            except OSError:
-                age = 0.0
-            if age > backend.lease_timeout:
-                os.close(lfd)
-                tmp = path / f"writer.lock.{os.getpid()}.{secrets.token_hex(4)}"
-                lfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                fcntl.flock(lfd, fcntl.LOCK_EX)
-                os.replace(tmp, lock_path)
-                log.warning(
-                    "writer lease expired; lock broken",
-                    ledger=backend.ledger,
-                    writer=writer_id,
-                    lease_age_s=round(age, 3),
-                )
-                clean = False
-                break
-            os.close(lfd)
             if time.monotonic() >= deadline:
                 raise NotElectedError(f"{writer_id}: not elected within {timeout}s")
             time.sleep(0.02)
-        try:
-            os.ftruncate(lfd, 0)
-            os.pwrite(lfd, f"{writer_id} pid={os.getpid()}\n".encode(), 0)
-            return FileLogWriter(backend, writer_id, lfd, clean=clean)
-        except BaseException:
-            os.close(lfd)
-            raise
     finally:
-        os.close(efd)  # the next standby may now queue for writer.lock
+        os.close(efd)
+    try:
+        os.ftruncate(lfd, 0)
+        os.pwrite(lfd, f"{writer_id} pid={os.getpid()}\n".encode(), 0)
+        return FileLogWriter(backend, writer_id, lfd, clean=clean)
+    except BaseException:
+        os.close(lfd)
+        raise
+
+
+def _try_writer_lock(backend: FileBackend, writer_id: str) -> tuple[int, bool] | None:
+    """One try at writer.lock: (fd, clean) if we hold it now, None if a live writer does.
+    `clean` is False when we broke an expired lease (its holder may still run)."""
+    lock_path = backend.path / "writer.lock"
+    while True:
+        lfd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if _try_flock(lfd):
+            try:
+                same = os.fstat(lfd).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return lfd, True
+            os.close(lfd)  # replaced under us: try the new one
+            continue
+        try:
+            age = time.time() - os.fstat(lfd).st_mtime
+        except OSError:
+            age = 0.0
+        os.close(lfd)
+        if age <= backend.lease_timeout:
+            return None
+        tmp = backend.path / f"writer.lock.{os.getpid()}.{secrets.token_hex(4)}"
+        lfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(lfd, fcntl.LOCK_EX)
+        os.replace(tmp, lock_path)
+        log.warning(
+            "writer lease expired; lock broken",
+            ledger=backend.ledger,
+            writer=writer_id,
+            lease_age_s=round(age, 3),
+        )
+        return lfd, False
 
 
 class FileLogWriter(LogWriter):
@@ -506,14 +531,28 @@ class FileLogWriter(LogWriter):
                 pass
             else:
                 return self._start_segment(1, fd, SequencerState())
-        # Find the tail: the chain's last segment.
+        # Walk the chain from its head, computing the sequencer state as readers do (the
+        # segment headers are not needed, so a segment a crash left without one is no
+        # problem), and note the state where the tail segment starts.
+        state = SequencerState()
+        tail_start = attrs.evolve(state)
+        segment = 1
         cursor = _ChainCursor(self.backend, START)
         try:
-            while cursor.read(max_entries=1 << 30):
-                pass
+            while True:
+                entries = cursor.read(max_entries=4096)
+                if not entries:
+                    break
+                for e in entries:
+                    if e.position.major != segment:
+                        segment = e.position.major
+                        tail_start = attrs.evolve(state)
+                    state.advance(e.data)
             tail = cursor.segment
         finally:
             cursor.close()
+        if tail != segment:
+            tail_start = attrs.evolve(state)  # the tail holds no entry yet
         if clean:
             # The previous writer is gone (its lock was released), so bytes at the tail
             # that do not form a frame can only be a torn write of a crash.
@@ -527,24 +566,32 @@ class FileLogWriter(LogWriter):
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.backend.seg_path(n))
+            tail_start = self._state_through(tail, tail_start)
             tail = first
-        state = self._state_through(tail)
+        # Our seal is the first in `tail`: nothing appended to it later counts, so the
+        # state through it is final.
+        state = self._state_through(tail, tail_start)
+        try:
+            self.check()
+        except FencedError:
+            os.close(fd)
+            raise
         return self._start_segment(n, fd, state)
 
-    def _state_through(self, segment: int) -> SequencerState:
-        """Sequencer state at the end of `segment` (up to its first seal)."""
+    def _state_through(self, segment: int, start: SequencerState) -> SequencerState:
+        """Sequencer state at the end of `segment` (up to its first seal), given the
+        state at its start."""
+        state = attrs.evolve(start)
         cursor = _ChainCursor(self.backend, Position(segment, 0))
         try:
-            state: SequencerState | None = None
-            while True:
+            while cursor.segment == segment:
                 entries = cursor.read(max_entries=4096)
-                if state is None:
-                    state = cursor.header or SequencerState()
                 for e in entries:
+                    if e.position.major != segment:
+                        return state
                     state.advance(e.data)
-                if cursor.segment != segment or not entries:
+                if not entries:
                     break
-            assert state is not None
             return state
         finally:
             cursor.close()

@@ -459,7 +459,10 @@ class SequencerState:
         elif kind == "record":
             assert isinstance(entry, WireRecord)
             self.next_seq = entry.first_seq + len(entry.txns)
-            self.meta = entry.meta
+            if entry.meta:
+                # Only the last record of an append carries the intake offsets; keep the
+                # newest ones even if that record were lost.
+                self.meta = entry.meta
         if kind != "malformed":
             self.hlc = max(self.hlc, entry.hlc)
         return kind
