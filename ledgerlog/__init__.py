@@ -77,10 +77,20 @@ __version__ = "0.1.0"
 
 # A library should not print its info logs unless the application asks: if nobody has
 # configured structlog yet, keep ledgerlog's events at WARNING and above, on stderr.
+class _CurrentStderr:
+    """sys.stderr as it is at each write (test runners and apps swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 if not structlog.is_configured():
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
     )
 
 _CLIENT_OPTIONS = frozenset({"client_id", "writer", "views", "window", "timeout", "start"})

@@ -13,6 +13,7 @@ from typing import Any
 import click
 import structlog
 
+from ledgerlog import _CurrentStderr
 from ledgerlog.backends.base import Backend
 from ledgerlog.client import open_backend
 from ledgerlog.codec import decode_record
@@ -27,7 +28,7 @@ def _configure_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
     )
 
 

@@ -110,10 +110,10 @@ def open_backend(target: str | os.PathLike[str] | Backend, **options: Any) -> Ba
     scheme = text.split("://", 1)[0]
     if scheme in ("pulsar", "pulsar+ssl"):
         try:
-            from ledgerlog.backends.pulsar import PulsarBackend  # type: ignore[import-not-found]
+            from ledgerlog.backends.pulsar import PulsarBackend
         except ImportError as exc:
             raise ConfigError(f"the Pulsar backend is not available here: {exc}") from exc
-        return PulsarBackend.from_url(text, **options)  # type: ignore[no-any-return]
+        return PulsarBackend.from_url(text, **options)
     if scheme == "bookkeeper":
         try:
             from ledgerlog.backends.bookkeeper import (  # type: ignore[import-not-found]
