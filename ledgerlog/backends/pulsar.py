@@ -419,12 +419,15 @@ class PulsarBackend(Backend):
         clog = self._log.bind(writer=writer_id)
         while True:
             watch = self._watch()
+            # Called at every round, so that time the lease reader spends disconnected
+            # never counts as the writer's silence.
+            silent = watch.silent_for() if watch is not None else 0.0
             listening = watch is not None and watch.connected()
             # A lease reader that lost its connection means the broker is away: wait for
             # it rather than block in create_producer. Without a lease reader at all
             # (the lease topic cannot be opened), campaign without fencing.
             if watch is None or listening:
-                fence = watch is not None and watch.silent_for() >= self.lease_timeout
+                fence = listening and silent >= self.lease_timeout
                 mode = (
                     pulsar.ProducerAccessMode.ExclusiveWithFencing
                     if fence

@@ -246,6 +246,26 @@ def writer(ledger: str, writer_id: str | None) -> None:
         w.stop()
 
 
+@cli.group()
+def dev() -> None:
+    """Real servers on 127.0.0.1 for development (JVM processes from Maven jars)."""
+
+
+@dev.command(
+    "pulsar",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def dev_pulsar(ctx: click.Context) -> None:
+    """Run a Pulsar standalone until Ctrl-C (options: --help)."""
+    from ledgerlog.devservers import pulsar
+
+    code = pulsar.main(ctx.args)
+    if code:
+        raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning every expected failure into one line."""
     try:

@@ -23,11 +23,21 @@ accepted iff its epoch equals the current one and its first_seq is not below the
 (a gap can only come from an entry lost to corruption). A rejected record's transactions
 get a non-final ``stale_epoch`` decision without a seq; undecodable entries get one
 ``malformed`` decision without a seq and consume none.
+
+Two implementations keep the state and run :func:`validate_batch`: the pure-Python one
+below (the reference, always available) and the optional C extension
+``ledgerlog.validator._cstate``, which keeps the hot state in compact hash tables and
+rings, is used when it imports, and must decide identically: same outcomes, digests and
+snapshot bytes, and a snapshot taken under one continues identically under the other
+(tests/test_cstate.py). :data:`IMPLEMENTATION` says which one new states use; set
+``LEDGERLOG_PURE_PYTHON=1`` to force the Python one. Transactions are decoded by msgspec
+in both.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from collections import deque
 from typing import Any, Final
@@ -51,6 +61,8 @@ from ledgerlog.model import AbortReason, Decision, Outcome, TxnId
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "IMPLEMENTATION",
+    "IMPLEMENTATIONS",
     "EntryResult",
     "SequencerState",
     "ValidatorState",
@@ -68,12 +80,56 @@ GENESIS_DIGEST: Final = bytes(16)
 
 _blake2b = hashlib.blake2b
 _seq_pack = struct.Struct(">QB").pack
+_U64_MAX: Final = 2**64 - 1
+
+
+def _load_c_extension() -> Any:
+    """The C state module, configured, or None (not built, or LEDGERLOG_PURE_PYTHON=1)."""
+    if os.environ.get("LEDGERLOG_PURE_PYTHON", "").strip() not in ("", "0"):
+        return None
+    try:
+        from ledgerlog.validator import _cstate  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        _cstate.configure(
+            decode_wire_txn,
+            (msgspec.DecodeError, ValueError),
+            SortedList,
+            WireTxn,
+            WireTxn.__struct_fields__[:7],
+        )
+    except Exception:  # an incompatible build: the reference implementation still works
+        return None
+    return _cstate
+
+
+_cstate: Any = _load_c_extension()
+
+IMPLEMENTATIONS: Final[tuple[str, ...]] = ("python", "c") if _cstate is not None else ("python",)
+"""Implementations available in this process."""
+
+IMPLEMENTATION: Final = "c" if _cstate is not None else "python"
+"""The implementation new ValidatorStates use: "c" (the extension) or "python"."""
+
+_SnapshotV1 = tuple[
+    int, int, int, str, int, bytes, list[tuple[int, list[str]]], list[tuple[int, str, int]]
+]
 
 
 class ValidatorState:
-    """Everything the decision function remembers; bounded by ``window`` seqs of history."""
+    """Everything the decision function remembers; bounded by ``window`` seqs of history.
+
+    `implementation` ("c" or "python", default :data:`IMPLEMENTATION`) chooses who keeps
+    the hot state. With "python" it is ``last_write`` (key -> seq of its last committed
+    write), ``history`` ((seq, keys written) per commit, for pruning), ``committed``
+    ((client_id, client_seq) -> seq) and ``committed_hist``; with "c" those four are None
+    and an ``_cstate.State`` holds the same contents. Everything else, and every result,
+    is the same.
+    """
 
     __slots__ = (
+        "_c",
         "_index",
         "committed",
         "committed_hist",
@@ -86,22 +142,45 @@ class ValidatorState:
         "writer_id",
     )
 
-    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
-        if not isinstance(window, int) or window < 1:
+    last_write: dict[str, int] | None
+    history: deque[tuple[int, tuple[str, ...]]] | None
+    committed: dict[tuple[str, int], int] | None
+    committed_hist: deque[tuple[int, tuple[str, int]]] | None
+
+    def __init__(self, window: int = DEFAULT_WINDOW, *, implementation: str | None = None) -> None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ConfigError(f"window must be a positive int of seqs, not {window!r}")
+        impl = IMPLEMENTATION if implementation is None else implementation
+        if impl not in ("c", "python"):
+            raise ConfigError(f'implementation must be "c" or "python", not {impl!r}')
+        if impl == "c" and _cstate is None:
+            raise ConfigError(
+                "the C validator extension is not available (not compiled, or "
+                "LEDGERLOG_PURE_PYTHON is set)"
+            )
         self.window = window
         self.epoch = 0
         self.writer_id = ""
         self.next_seq = 1
         self.digest = GENESIS_DIGEST
-        # key -> seq of the last committed write; pruned as seqs leave the window
-        self.last_write: dict[str, int] = {}
-        self.history: deque[tuple[int, tuple[str, ...]]] = deque()
-        self.committed: dict[tuple[str, int], int] = {}
-        self.committed_hist: deque[tuple[int, tuple[str, int]]] = deque()
         # Sorted keys of last_write, built on the first range read; output never
-        # depends on whether it exists, only speed does.
+        # depends on whether it exists, only speed does. (The C state keeps its own.)
         self._index: SortedList | None = None
+        if impl == "c":
+            self._c: Any = _cstate.State(window)
+            self.last_write = self.history = self.committed = self.committed_hist = None
+        else:
+            self._c = None
+            # key -> seq of the last committed write; pruned as seqs leave the window
+            self.last_write = {}
+            self.history = deque()
+            self.committed = {}
+            self.committed_hist = deque()
+
+    @property
+    def implementation(self) -> str:
+        """Who keeps the hot state: "c" or "python"."""
+        return "python" if self._c is None else "c"
 
     @property
     def last_seq(self) -> int:
@@ -109,12 +188,20 @@ class ValidatorState:
 
     def size(self) -> int:
         """Entries held: the figure that stays bounded by the window."""
+        if self._c is not None:
+            return int(self._c.size())
+        assert self.last_write is not None and self.committed is not None
+        assert self.history is not None
         return len(self.last_write) + len(self.committed) + len(self.history)
 
     def _prune(self, cutoff: int) -> None:
         """Forget writes at seqs <= cutoff: no acceptable read_version can conflict with them."""
+        if self._c is not None:
+            self._c.prune(min(cutoff, _U64_MAX))
+            return
         history = self.history
         last_write = self.last_write
+        assert history is not None and last_write is not None
         index = self._index
         while history and history[0][0] <= cutoff:
             seq, keys = history.popleft()
@@ -125,6 +212,7 @@ class ValidatorState:
                         index.remove(key)
         hist = self.committed_hist
         committed = self.committed
+        assert hist is not None and committed is not None
         while hist and hist[0][0] <= cutoff:
             seq, tid = hist.popleft()
             if committed.get(tid) == seq:
@@ -135,8 +223,20 @@ class ValidatorState:
             self._index = SortedList(self.last_write)
         return self._index
 
+    def _histories(self) -> tuple[list[Any], list[Any]]:
+        if self._c is not None:
+            hist, chist = self._c.export()
+            return hist, chist
+        assert self.history is not None and self.committed_hist is not None
+        return (
+            [[s, list(k)] for s, k in self.history],
+            [[s, t[0], t[1]] for s, t in self.committed_hist],
+        )
+
     def snapshot(self) -> bytes:
-        """The state as bytes, identical for identical states in any process."""
+        """The state as bytes, identical for identical states in any process, whichever
+        implementation holds it."""
+        hist, chist = self._histories()
         return msgspec.msgpack.encode(
             [
                 1,
@@ -145,21 +245,36 @@ class ValidatorState:
                 self.writer_id,
                 self.next_seq,
                 self.digest,
-                [[s, list(k)] for s, k in self.history],
-                [[s, t[0], t[1]] for s, t in self.committed_hist],
+                hist,
+                chist,
             ]
         )
 
     @classmethod
-    def restore(cls, data: bytes) -> ValidatorState:
+    def restore(cls, data: bytes, *, implementation: str | None = None) -> ValidatorState:
+        """A state from :meth:`snapshot` bytes, kept by `implementation` (default
+        :data:`IMPLEMENTATION`, whichever one took the snapshot)."""
         try:
-            v, window, epoch, writer_id, next_seq, digest, hist, chist = msgspec.msgpack.decode(
-                data
+            v = msgspec.msgpack.decode(data)[0]
+        except (msgspec.DecodeError, TypeError, KeyError, IndexError) as exc:
+            raise FormatError(f"corrupt validator snapshot: {exc}") from exc
+        if v != 1:
+            raise FormatError(f"unknown validator snapshot version {v!r}")
+        try:
+            _, window, epoch, writer_id, next_seq, digest, hist, chist = msgspec.msgpack.decode(
+                data, type=_SnapshotV1
             )
-            if v != 1:
-                raise FormatError(f"unknown validator snapshot version {v}")
-            st = cls(window)
+            if epoch < 0 or next_seq < 1 or next_seq > _U64_MAX + 1:
+                raise ValueError(f"epoch {epoch} or next_seq {next_seq} out of range")
+            if any(s < 0 for s, _ in hist) or any(s < 0 or c < 0 for s, _, c in chist):
+                raise ValueError("negative seq or client_seq")
+            st = cls(window, implementation=implementation)
             st.epoch, st.writer_id, st.next_seq, st.digest = epoch, writer_id, next_seq, digest
+            if st._c is not None:
+                st._c.load(hist, chist)
+                return st
+            assert st.history is not None and st.last_write is not None
+            assert st.committed_hist is not None and st.committed is not None
             for s, keys in hist:
                 st.history.append((s, tuple(keys)))
                 for k in keys:
@@ -172,7 +287,7 @@ class ValidatorState:
         return st
 
     def fork(self) -> ValidatorState:
-        return ValidatorState.restore(self.snapshot())
+        return ValidatorState.restore(self.snapshot(), implementation=self.implementation)
 
 
 def _malformed(seq: int, tid: TxnId | None, detail: str) -> Decision:
@@ -223,11 +338,15 @@ def validate_batch(
     """
     if first_seq != state.next_seq:
         raise ValueError(f"batch at seq {first_seq}, state expects {state.next_seq}")
+    if state._c is not None:
+        return _validate_batch_c(state, state._c, raws, first_seq)
     window = state.window
     last_write = state.last_write
     committed_ids = state.committed
     history = state.history
     committed_hist = state.committed_hist
+    assert last_write is not None and committed_ids is not None
+    assert history is not None and committed_hist is not None
     decode = decode_wire_txn
     blake = _blake2b
     pack = _seq_pack
@@ -307,6 +426,30 @@ def validate_batch(
         outcomes.append((seq, tid, code, key, wseq, detail))
     state.digest = digest
     state.next_seq = seq + 1
+    return outcomes, applied
+
+
+def _validate_batch_c(
+    state: ValidatorState, cs: Any, raws: list[msgspec.Raw] | list[bytes], first_seq: int
+) -> tuple[list[Outcome_], list[tuple[int, WireTxn]]]:
+    """validate_batch on the C state: the same loop, run by ``cs.validate_batch``."""
+    n = len(raws)
+    if first_seq > _U64_MAX or first_seq + n - 1 > _U64_MAX:
+        # Seqs past 2**64-1 cannot be packed into the digest: the reference decides what
+        # fits, then fails with struct.error at the first seq that does not (the
+        # state's digest and next_seq stay as they were). Do the same.
+        fits = max(0, _U64_MAX + 1 - first_seq)
+        if fits:
+            cs.validate_batch(raws[:fits], first_seq, state.digest)
+        elif first_seq - 1 - state.window > 0:
+            cs.prune(min(first_seq - 1 - state.window, _U64_MAX))
+        if n > fits:
+            _seq_pack(first_seq + fits, 0)  # raises struct.error
+        state.next_seq = first_seq + n
+        return [], []
+    outcomes, applied, digest = cs.validate_batch(raws, first_seq, state.digest)
+    state.digest = digest
+    state.next_seq = first_seq + n
     return outcomes, applied
 
 
