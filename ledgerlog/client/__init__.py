@@ -143,7 +143,8 @@ class Tx:
         self.read_version = self._view.applied_seq
         self._reads: dict[str, None] = {}  # insertion-ordered set: the order is the txn's
         self._ranges: list[KeyRange] = []
-        self._writes: dict[str, Put | Delete] = {}
+        # key -> (op, key, value), already in wire form: commit only encodes it
+        self._writes: dict[str, tuple[int, str, Any]] = {}
         self._events: list[Event] = []
         self.decision: Decision | None = None
         self._done = False
@@ -170,7 +171,7 @@ class Tx:
         _check_key(key)
         w = self._writes.get(key)
         if w is not None:
-            return w.value if isinstance(w, Put) else default
+            return w[2] if w[0] == OP_PUT else default
         got, version = self._view.snapshot_read(lambda v: (v.get_versioned(key), v.version(key)))
         if got is not None:
             version = got[1]
@@ -213,8 +214,8 @@ class Tx:
         rows = {k: v for k, v, _ver in rows_v}
         for k, w in self._writes.items():
             if k in kr:
-                if isinstance(w, Put):
-                    rows[k] = w.value
+                if w[0] == OP_PUT:
+                    rows[k] = w[2]
                 else:
                     rows.pop(k, None)
         self._ranges.append(kr)
@@ -229,14 +230,16 @@ class Tx:
 
     def put(self, key: str, value: Any) -> None:
         self._check()
-        self._writes[key] = Put(key, value)
+        _check_key(key)
+        self._writes[key] = (OP_PUT, key, value)
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.put(key, value)
 
     def delete(self, key: str) -> None:
         self._check()
-        self._writes[key] = Delete(key)
+        _check_key(key)
+        self._writes[key] = (OP_DELETE, key, None)
 
     def __delitem__(self, key: str) -> None:
         self.delete(key)
@@ -264,17 +267,16 @@ class Tx:
             self.read_version,
             reads=tuple(self._reads),
             ranges=tuple(self._ranges),
-            writes=tuple(self._writes.values()),
+            writes=tuple(
+                Put(k, v) if op == OP_PUT else Delete(k) for op, k, v in self._writes.values()
+            ),
             events=tuple(self._events),
         )
 
     def encode(self) -> bytes:
         """The wire bytes of :meth:`to_transaction`, built without the value objects
         (the client's hot path)."""
-        writes = [
-            (OP_PUT, w.key, w.value) if isinstance(w, Put) else (OP_DELETE, w.key, None)
-            for w in self._writes.values()
-        ]
+        writes = list(self._writes.values())
         return encode_wire_txn(
             WireTxn(
                 self.txn_id.client_id,
