@@ -55,6 +55,11 @@ MOD = 1_000_003
 Pick = Callable[[int, int], int]
 
 
+def _num(v: Any) -> int:
+    """A value as the transaction logic reads it (damaged entries may write anything)."""
+    return v if type(v) is int else 0 if v is None else 1
+
+
 def _compute(
     reads: list[str],
     ranges: list[tuple[str, str | None]],
@@ -86,6 +91,8 @@ class Workload:
         self.epoch = 0
         self.counter = 0
         self.sent: list[bytes] = []
+        self.legit: set[bytes] = set()
+        """Every transaction a client made (hostile entries may hold others)."""
         # key -> [(seq, value or None)] of committed puts/deletes, in seq order
         self.values: dict[str, list[tuple[int, int | None]]] = {}
 
@@ -98,7 +105,7 @@ class Workload:
             if s > version:
                 break
             v = val
-        return 0 if v is None else v
+        return _num(v)
 
     def feed(self, data: bytes) -> None:
         self.entries.append(data)
@@ -154,6 +161,7 @@ class Workload:
             )
         )
         self.sent.append(data)
+        self.legit.add(data)
         return data
 
     def _malformed(self, seq: int) -> bytes:
@@ -320,7 +328,7 @@ class Reference:
         return (seq, tid, 0, None, None)
 
 
-@settings(deadline=None, max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), window=st.integers(2, 10), steps=st.integers(1, 40))
 def test_committed_history_is_serializable(data: st.DataObject, window: int, steps: int) -> None:
     wl = Workload(_hyp_pick(data), window)
@@ -354,12 +362,16 @@ def test_committed_history_is_serializable(data: st.DataObject, window: int, ste
                         seq,
                         k,
                     )
-        assert w.client_id != "bad", (seq, w)  # all of those are malformed
-        expected = _compute(w.reads, w.ranges, lambda k: serial.get(k, 0), w.valid_time)
+        # A damaged entry with a good checksum may carry a transaction no client made:
+        # its writes are taken as they are; a client's must match a serial re-execution.
+        legit = msgspec.msgpack.encode(w) in wl.legit
+        assert w.client_id != "bad" or not legit, (seq, w)  # those are all malformed
+        expected = _compute(w.reads, w.ranges, lambda k: _num(serial.get(k)), w.valid_time)
         for op, k, v in w.writes:
             if op == codec.OP_PUT:
-                assert v == expected, (seq, k)
-                serial[k] = expected
+                if legit:
+                    assert v == expected, (seq, k)
+                serial[k] = expected if legit else v
                 applied[k] = v
             else:
                 serial.pop(k, None)
@@ -377,7 +389,7 @@ def test_committed_history_is_serializable(data: st.DataObject, window: int, ste
 # -- (b) determinism across replicas ---------------------------------------------------
 
 
-@settings(deadline=None, max_examples=250, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), window=st.integers(1, 8), steps=st.integers(1, 40))
 def test_replicas_agree(data: st.DataObject, window: int, steps: int) -> None:
     entries = Workload(_hyp_pick(data), window).run(steps)
