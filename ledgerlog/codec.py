@@ -50,6 +50,15 @@ _KINDS: Final = frozenset({KIND_RECORD, KIND_EPOCH, KIND_INTAKE})
 _HEADER = struct.Struct(">4sBBHI")
 HEADER_SIZE: Final = _HEADER.size
 
+MAX_SEQ: Final = 2**63 - 1
+"""Seqs fit a signed 64-bit integer everywhere (digest, SQLite, other languages)."""
+
+# What msgspec may raise on hostile bytes: malformed msgpack or wrong types
+# (DecodeError), invalid UTF-8 (UnicodeDecodeError, a ValueError), and nesting deeper
+# than it recurses (RecursionError). Every reader turns each into "malformed".
+DECODE_ERRORS: Final = (msgspec.DecodeError, ValueError, RecursionError)
+_ENCODE_ERRORS: Final = (TypeError, ValueError, OverflowError, AttributeError, msgspec.EncodeError)
+
 OP_PUT: Final = 1
 OP_DELETE: Final = 2
 
@@ -113,8 +122,10 @@ def unwrap(data: bytes | memoryview) -> tuple[int, memoryview]:
         raise FormatError("not a ledgerlog entry (bad magic)")
     if version != FORMAT_VERSION:
         raise FormatError(f"unsupported format version {version}")
-    if kind not in _KINDS or reserved != 0:
+    if kind not in _KINDS:
         raise FormatError(f"unknown entry kind {kind}")
+    if reserved != 0:
+        raise FormatError(f"reserved envelope bits set ({reserved:#06x})")
     body = memoryview(data)[HEADER_SIZE:]
     if zlib.crc32(body) != crc:
         raise FormatError("checksum mismatch")
@@ -148,14 +159,14 @@ def transaction_to_wire(txn: Transaction) -> WireTxn:
 def encode_wire_txn(w: WireTxn) -> bytes:
     try:
         return _enc.encode(w)
-    except (TypeError, msgspec.EncodeError) as exc:
+    except _ENCODE_ERRORS as exc:
         raise FormatError(f"cannot encode transaction {w.client_id}/{w.client_seq}: {exc}") from exc
 
 
 def encode_transaction(txn: Transaction) -> bytes:
     try:
         return _enc.encode(transaction_to_wire(txn))
-    except (TypeError, msgspec.EncodeError) as exc:
+    except _ENCODE_ERRORS as exc:
         raise FormatError(f"cannot encode transaction {txn.txn_id}: {exc}") from exc
 
 
@@ -190,10 +201,10 @@ def wire_to_transaction(w: WireTxn) -> Transaction:
 def decode_transaction(data: bytes | memoryview) -> Transaction:
     try:
         return wire_to_transaction(_dec_txn.decode(data))
-    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+    except (*DECODE_ERRORS, TypeError) as exc:
         if isinstance(exc, FormatError):
             raise
-        raise FormatError(f"malformed transaction: {exc}") from exc
+        raise FormatError(f"malformed transaction: {exc!r}") from exc
 
 
 # -- entries ------------------------------------------------------------------------------
@@ -228,6 +239,8 @@ def decode_entry(data: bytes | memoryview) -> WireRecord | WireEpoch | WireIntak
             rec = _dec_record.decode(body)
             if rec.epoch < 1 or rec.first_seq < 1:
                 raise FormatError("record with epoch or first_seq below 1")
+            if rec.first_seq + len(rec.txns) > MAX_SEQ:
+                raise FormatError(f"record seqs beyond {MAX_SEQ}")
             return rec
         if kind == KIND_EPOCH:
             ep = _dec_epoch.decode(body)
@@ -235,8 +248,8 @@ def decode_entry(data: bytes | memoryview) -> WireRecord | WireEpoch | WireIntak
                 raise FormatError("epoch start below 1")
             return ep
         return _dec_intake.decode(body)
-    except msgspec.DecodeError as exc:
-        raise FormatError(f"malformed entry body: {exc}") from exc
+    except DECODE_ERRORS as exc:
+        raise FormatError(f"malformed entry body: {exc!r}") from exc
 
 
 def decode_record(data: bytes | memoryview) -> Record | EpochStart:

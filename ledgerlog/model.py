@@ -33,7 +33,11 @@ def _key_tuple(v: Iterable[str]) -> tuple[str, ...]:
 
 
 def _range_tuple(v: Iterable[KeyRange]) -> tuple[KeyRange, ...]:
-    return tuple(v)
+    out = tuple(v)
+    for r in out:
+        if not isinstance(r, KeyRange):
+            raise TypeError(f"ranges must hold KeyRange objects, not {type(r).__name__}")
+    return out
 
 
 def _write_tuple(v: Iterable[Put | Delete]) -> tuple[Put | Delete, ...]:
@@ -98,9 +102,12 @@ class KeyRange:
     @classmethod
     def prefix(cls, prefix: str) -> KeyRange:
         """All keys starting with `prefix`."""
-        if not prefix:
-            return cls("", None)
-        return cls(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        # The end is the prefix with its last character incremented; characters already
+        # at the top code point cannot be, so drop them (no end at all if all are).
+        stem = prefix.rstrip(chr(0x10FFFF))
+        if not stem:
+            return cls(prefix, None)
+        return cls(prefix, stem[:-1] + chr(ord(stem[-1]) + 1))
 
 
 @attrs.frozen

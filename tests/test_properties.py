@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 from helpers import epoch_start, rebatch, record, txn, wire_txn, wrap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,21 +32,6 @@ from ledgerlog.validator import (
     ValidatorState,
     process_entry,
 )
-
-KNOWN_BUG_ERRORS = (UnicodeDecodeError, struct.error)
-"""What process_entry raises today on some hostile entries: reported bugs, shown by the
-xfail tests in test_validator_rules.py (invalid UTF-8 in an entry's writer_id; seqs past
-2**64-1). The fuzz tolerates exactly these so that it keeps checking everything else;
-once they are fixed the tolerance is dead code and can go."""
-
-
-def _trips_known_bug(state: ValidatorState, data: bytes) -> bool:
-    try:
-        process_entry(state.fork(), data)
-    except KNOWN_BUG_ERRORS:
-        return True
-    return False
-
 
 KEYS = ("a", "b", "c", "d", "e", "f")
 BOUNDS = ("", "a", "b", "c", "d", "e", "f", "g")
@@ -206,10 +190,7 @@ class Workload:
 
     def garbage(self) -> bytes:
         base = self.make_record(self.sequencer.next_seq, self.epoch)
-        data = self._damage(base)
-        if _trips_known_bug(self.replica, data):
-            return base[:-1]  # see KNOWN_BUG_ERRORS
-        return data
+        return self._damage(base)
 
     def _damage(self, base: bytes) -> bytes:
         pick = self.pick
@@ -538,13 +519,7 @@ _VALID = [e for e in _SAMPLES if len(e) > codec.HEADER_SIZE] + [
 
 def _both_agree(data: bytes) -> None:
     s1, s2 = _SEEDED.fork(), _SEEDED.fork()
-    try:
-        r1 = process_entry(s1, data)
-    except KNOWN_BUG_ERRORS as exc:
-        # A reported bug (see KNOWN_BUG_ERRORS): both replicas must at least fail alike.
-        with pytest.raises(type(exc)):
-            process_entry(s2, data)
-        return
+    r1 = process_entry(s1, data)
     r2 = process_entry(s2, data)
     assert r1 == r2
     assert r1.kind in ("record", "epoch", "rejected", "malformed")

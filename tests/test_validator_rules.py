@@ -669,11 +669,6 @@ DEEP = b"\x91" * 100_000 + b"\xc0"
 """A msgpack value nested 100,000 arrays deep: 100 KB, a valid msgpack object."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: deeply nested msgpack inside a record's txn list "
-    "makes decode_entry raise RecursionError, which process_entry does not catch",
-)
 def test_deeply_nested_txn_in_record_does_not_crash_reader() -> None:
     st = fresh()
     res = process_entry(st, record([raw("c", 1, 0, puts={"a": 1}), DEEP], 1))
@@ -694,12 +689,6 @@ def test_deeply_nested_value_in_txn_is_malformed_not_a_crash() -> None:
     assert dec.reason is AbortReason.MALFORMED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a record whose seqs pass 2**64-1 (first_seq near "
-    "2**64, accepted as a gap) makes validate_batch raise struct.error from "
-    "the digest's '>Q' pack; process_entry crashes instead of deciding",
-)
 def test_record_with_seq_beyond_u64_does_not_crash_reader() -> None:
     st = fresh()
     data = record([raw("c", 1, 0), raw("c", 2, 0)], 2**64 - 1)
@@ -716,12 +705,6 @@ def _bad_utf8_entries() -> dict[str, bytes]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: invalid UTF-8 in a record's or epoch start's "
-    "writer_id makes msgspec raise UnicodeDecodeError, which decode_entry does "
-    "not turn into FormatError; process_entry crashes the reader",
-)
 @pytest.mark.parametrize("name", sorted(_bad_utf8_entries()))
 def test_invalid_utf8_in_entry_header_is_malformed_not_a_crash(name: str) -> None:
     d = Driver()
@@ -731,11 +714,6 @@ def test_invalid_utf8_in_entry_header_is_malformed_not_a_crash(name: str) -> Non
     assert d.state.snapshot() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SequencerState.advance raises UnicodeDecodeError "
-    "on invalid UTF-8 in an entry's writer_id (same cause as above)",
-)
 @pytest.mark.parametrize("name", sorted(_bad_utf8_entries()))
 def test_sequencer_survives_invalid_utf8(name: str) -> None:
     assert SequencerState(1, 1).advance(_bad_utf8_entries()[name]) == "malformed"
