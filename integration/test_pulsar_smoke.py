@@ -28,9 +28,9 @@ OP_TIMEOUT_S = 10
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[LocalPulsar]:
-    with LocalPulsar() as server:
-        yield server
+def broker(local_pulsar: LocalPulsar) -> LocalPulsar:
+    """The session's broker (integration/conftest.py); these tests leave it healthy."""
+    return local_pulsar
 
 
 @pytest.fixture()

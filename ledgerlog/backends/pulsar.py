@@ -25,22 +25,23 @@ acknowledges anything, which is deliberate: it pins every entry of the ledger ag
 finite retention policy (a transaction log must never be trimmed behind readers' backs).
 Namespaces holding ledgers must therefore not set a backlog quota.
 
-**Election.** The elected writer holds an ``Exclusive`` producer on the ledger topic under
-one stable producer name per ledger. Standbys retry creating one every
-``campaign_interval`` and get ``ProducerFenced`` while it is held; a writer that closes or
-whose process dies (the broker sees its connection drop) is replaced within that interval.
-A writer that hangs (SIGSTOP, a stalled VM) keeps its TCP connection, so the broker would
-keep its producer until its keep-alive gives up; that is what the lease is for: the
-writer publishes a heartbeat on the non-persistent lease topic every ``lease_timeout / 4``,
-and a standby that has watched the lease topic, connected, for ``lease_timeout`` without
-hearing one creates its producer with ``ExclusiveWithFencing`` instead: the broker fences
-the hung producer, whose next send fails with ``ProducerFenced`` (-> :class:`FencedError`).
-The lease is judged on the standby's own monotonic clock (no clock skew) and only while
-its lease reader is connected (a broker outage does not count as silence). The lease
-topic is non-persistent: heartbeats need no storage, and a lost one can at worst cause a
-needless takeover, which is safe. Safety never rests on the lease: the broker's fencing
-makes a deposed writer unable to append, and the epoch protocol above the backend makes
-anything it slipped in before the new epoch start count and anything after it rejected.
+**Election.** The elected writer holds an ``Exclusive`` producer on the ledger topic.
+Standbys retry creating one every ``campaign_interval`` and get ``ProducerFenced`` while
+it is held; a writer that closes or whose process dies (the broker sees its connection
+drop) is replaced within that interval. A writer that hangs (SIGSTOP, a stalled VM) keeps
+its TCP connection, so the broker would keep its producer until its keep-alive gives up;
+that is what the lease is for: the writer publishes a heartbeat on the non-persistent
+lease topic every ``lease_timeout / 4``, and a standby that has watched the lease topic
+for ``lease_timeout`` without hearing one creates its producer with
+``ExclusiveWithFencing`` instead: the broker fences the hung producer, whose next send
+fails with ``ProducerFenced`` (-> :class:`FencedError`). The lease is judged on the
+standby's own monotonic clock (no clock skew), and only over time it was watching,
+connected, without a break: neither a broker outage nor a pause of the standby itself
+counts as the writer's silence. The lease topic is non-persistent: heartbeats need no
+storage, and a lost one can at worst cause a needless takeover, which is safe. Safety
+never rests on the lease: the broker's fencing makes a deposed writer unable to append,
+and the epoch protocol above the backend makes anything it slipped in before the new
+epoch start count and anything after it rejected.
 
 A new writer publishes a *claim* on the lease topic once its producer exists; an old
 writer that hears a claim other than its own knows it was deposed, which is how
@@ -50,32 +51,45 @@ producer looks connected until it next sends).
 **Deduplication and reconnects.** The ledger producer never times a message out
 (``send_timeout_millis=0``): across a broker restart the client keeps every pending
 message and resends them in order with their sequence ids once it reconnects, so entries
-are neither lost nor reordered. The stable producer name lets the broker's deduplication
-(on in the project's ``standalone.conf``) drop a resend of a message it had already
-persisted; a new writer continues from the broker's last sequence id for that name. If
-deduplication is off, such a resend becomes a duplicate record whose first_seq is below
-next_seq, which every reader rejects - so it is an optimisation, not a safety need.
-:meth:`PulsarLogWriter.append` bounds its own wait (``append_timeout``) and then raises
-:class:`BackendError`; the writer then resigns, which closes the producer and fails its
-pending messages, so nothing of that term can land after a later append.
+are neither lost nor reordered, and the broker's deduplication (on in the project's
+``standalone.conf``) drops a resend of a message it had already persisted. Each term's
+producer gets a name of its own: deduplication state is kept per producer name, and with
+one name shared by successive writers a new writer could start its sequence ids below a
+deposed writer's messages still in flight, and then see its own entries acknowledged as
+"duplicates" and dropped. Without deduplication a resend becomes a duplicate record whose
+first_seq is below next_seq, which every reader rejects: it is an optimisation, not a
+safety need. :meth:`PulsarLogWriter.append` bounds its own wait (``append_timeout``) and
+then raises :class:`BackendError`; the writer then resigns, which closes the producer and
+fails its pending messages, so nothing of that term can land after a later append.
 
-**Intake.** Clients publish submissions to the intake topic and wait for the broker's
-acknowledgement (durable in the bookie's journal), concurrently: many submits in flight
-share the broker's journal group commit, and with ``intake_batch_delay_ms`` the client
-packs concurrent submits into one entry. The elected writer consumes them through the
-``ledgerlog-writer`` subscription (Failover) and acknowledges items only after the ledger
-append holding them succeeded; ``meta()`` is ``b""``. After a writer crash the next writer
-gets the unacknowledged items again; a transaction appended twice is dropped by the
-validator's txn-id deduplication. For a non-partitioned topic the broker makes the
-consumer whose *name* sorts first the active one, so each writer names its consumer after
-its term's ledger position, inverted: the newest term's consumer sorts first and takes
-over the subscription at once (after the broker's one-second failover delay, and with
-the old consumer's unacknowledged messages redelivered to it), even while a hung old
-writer's consumer is still attached.
+**Intake.** Clients publish submissions to the intake topic, one message per submission
+(never batched, so message ids are exact too), and wait for the broker's acknowledgement:
+the submission is then in the bookie's journal. Many submits in flight share the journal's
+group commit. The elected writer reads the intake with a plain Pulsar *reader* from the
+position carried in the ledger: ``meta()`` is the message id of the last submission a
+record holds, stored in that record, so it becomes visible exactly with the
+transactions, and the next writer resumes right after the newest visible record - no
+submission is lost or handed over twice (as with the file backend's offsets).
+
+Why not a Failover subscription that redelivers what was not acknowledged: when the
+active consumer's process was SIGSTOPped while messages were flowing to it, Pulsar 4.0.7
+was measured to stall the whole subscription - the new writer's consumer included,
+although it had become the active one - for about a minute, until the broker's
+keep-alive dropped the hung connection (intermittently; it looks like the dispatcher
+waiting for its last write to the hung consumer). A reader is private to its writer, so
+a hung writer stalls nobody. A durable ``ledgerlog-writer`` subscription still exists, as a
+retention anchor only: clients create it (at the earliest message) before they first
+publish, and the writer acknowledges it cumulatively after each successful append, so
+submissions not yet in the ledger are never trimmed by a finite retention policy, and
+consumed ones can be. Nothing is ever dispatched on it (its consumers have a zero
+receive queue and never receive).
 
 **Known costs.** :meth:`PulsarLogWriter.recovery_point` returns ``(START, None)``: a new
 writer scans the ledger's entry headers from the beginning at every election. Readers
-restart from their views' checkpoints as usual.
+restart from their views' checkpoints as usual. Only the last record of an append
+carries the intake position, so if an append landed only in part, the next writer
+resumes from the previous position and appends a few submissions again; the validator
+drops the duplicates.
 """
 
 from __future__ import annotations
@@ -132,13 +146,11 @@ DEFAULT_OPERATION_TIMEOUT: Final = 30.0
 DEFAULT_APPEND_TIMEOUT: Final = 60.0
 DEFAULT_CAMPAIGN_INTERVAL: Final = 0.2
 DEFAULT_MAX_IN_FLIGHT: Final = 1000
-DEFAULT_INTAKE_BATCH_DELAY_MS: Final = 1
 
 WRITER_SUBSCRIPTION: Final = "ledgerlog-writer"
 END_SUBSCRIPTION: Final = "ledgerlog-end"
 _RESERVED_SUFFIXES: Final = ("-intake", "-lease")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_MAX_ID: Final = 2**63 - 1
 _RECEIVER_QUEUE: Final = 2000
 
 _FENCED_RESULTS: Final = frozenset({pulsar.Result.ProducerFenced, pulsar.Result.AlreadyClosed})
@@ -169,10 +181,19 @@ def _ids(msg_id: Any) -> tuple[int, int, int]:
     return int(msg_id.ledger_id()), int(msg_id.entry_id()), int(msg_id.batch_index())
 
 
-def _term_key(position: Position, token: str) -> str:
-    """A consumer name that sorts before every earlier term's (the broker makes the
-    first-sorting Failover consumer of a non-partitioned topic the active one)."""
-    return f"{_MAX_ID - position.major:019d}.{_MAX_ID - max(position.minor, 0):019d}.{token}"
+def _encode_meta(ids: tuple[int, int, int]) -> bytes:
+    return msgspec.msgpack.encode(list(ids))
+
+
+def _decode_meta(meta: bytes) -> tuple[int, int, int] | None:
+    """The intake message id a record's meta names, or None (none, or not ours)."""
+    if not meta:
+        return None
+    try:
+        ledger_id, entry_id, batch_index = msgspec.msgpack.decode(meta)
+        return int(ledger_id), int(entry_id), int(batch_index)
+    except (msgspec.DecodeError, ValueError, TypeError):
+        return None
 
 
 # -- configuration helpers -----------------------------------------------------------------
@@ -243,7 +264,6 @@ _URL_PARAMS: Final[Mapping[str, tuple[str, Callable[[str, str], Any]]]] = {
     "append_timeout": ("append_timeout", _as_float),
     "campaign_interval": ("campaign_interval", _as_float),
     "max_in_flight": ("max_in_flight", _as_int),
-    "intake_batch_delay_ms": ("intake_batch_delay_ms", _as_int),
     "use_tls": ("use_tls", _as_bool),
     "tls_trust_certs_file_path": ("tls_trust_certs_file_path", lambda _n, v: v),
     "tls_allow_insecure_connection": ("tls_allow_insecure_connection", _as_bool),
@@ -273,7 +293,6 @@ class PulsarBackend(Backend):
         append_timeout: float = DEFAULT_APPEND_TIMEOUT,
         campaign_interval: float = DEFAULT_CAMPAIGN_INTERVAL,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        intake_batch_delay_ms: int = DEFAULT_INTAKE_BATCH_DELAY_MS,
         use_tls: bool | None = None,
         tls_trust_certs_file_path: str | None = None,
         tls_allow_insecure_connection: bool = False,
@@ -299,33 +318,28 @@ class PulsarBackend(Backend):
         self.campaign_interval = _positive("campaign_interval", campaign_interval)
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ConfigError("max_in_flight must be a positive integer")
-        if not isinstance(intake_batch_delay_ms, int) or intake_batch_delay_ms < 0:
-            raise ConfigError("intake_batch_delay_ms must be an integer >= 0 (0: no batching)")
         self.max_in_flight = max_in_flight
-        self.intake_batch_delay_ms = intake_batch_delay_ms
         self.service_url = service_url.rstrip("/")
         base = f"persistent://{tenant}/{namespace}/{ledger}"
         self.topic = base
         self.intake_topic = f"{base}-intake"
         self.lease_topic = f"non-persistent://{tenant}/{namespace}/{ledger}-lease"
         self.url = f"{self.service_url}/{tenant}/{namespace}/{ledger}"
-        #: One producer name per ledger: the broker's deduplication state follows it.
-        self.producer_name = f"ledgerlog.{tenant}.{namespace}.{ledger}"
         self._log = log.bind(ledger=ledger, url=self.url)
         tls = service_url.startswith("pulsar+ssl://") if use_tls is None else use_tls
-        self._client = pulsar.Client(
-            self.service_url,
-            authentication=pulsar.AuthenticationToken(auth_token) if auth_token else None,
-            operation_timeout_seconds=max(1, math.ceil(self.operation_timeout)),
-            connection_timeout_ms=int(min(self.operation_timeout, 10.0) * 1000),
-            use_tls=tls,
-            tls_trust_certs_file_path=tls_trust_certs_file_path,
-            tls_allow_insecure_connection=tls_allow_insecure_connection,
-            tls_validate_hostname=tls_validate_hostname,
-            tls_certificate_file_path=tls_certificate_file_path,
-            tls_private_key_file_path=tls_private_key_file_path,
-            logger=client_logger if client_logger is not None else _default_client_logger(),
-        )
+        self._client_options: dict[str, Any] = {
+            "authentication": pulsar.AuthenticationToken(auth_token) if auth_token else None,
+            "operation_timeout_seconds": max(1, math.ceil(self.operation_timeout)),
+            "connection_timeout_ms": int(min(self.operation_timeout, 10.0) * 1000),
+            "use_tls": tls,
+            "tls_trust_certs_file_path": tls_trust_certs_file_path,
+            "tls_allow_insecure_connection": tls_allow_insecure_connection,
+            "tls_validate_hostname": tls_validate_hostname,
+            "tls_certificate_file_path": tls_certificate_file_path,
+            "tls_private_key_file_path": tls_private_key_file_path,
+            "logger": client_logger if client_logger is not None else _default_client_logger(),
+        }
+        self._client = self._new_client()
         self._lock = threading.Lock()
         self._end_consumer: Any = None
         self._lease_watch: _LeaseWatch | None = None
@@ -338,7 +352,7 @@ class PulsarBackend(Backend):
         """``pulsar://host:port/[tenant/namespace/]ledger?token=...&lease_timeout=...``.
 
         Query parameters: ``token`` and the constructor's keyword options of simple type
-        (timeouts, ``max_in_flight``, ``intake_batch_delay_ms``, ``use_tls`` and the
+        (timeouts, ``max_in_flight``, ``use_tls`` and the
         ``tls_*`` paths/flags). Keyword `options` override the query."""
         if not isinstance(url, str):
             raise ConfigError(f"a Pulsar ledger URL must be a string, not {type(url).__name__}")
@@ -396,7 +410,7 @@ class PulsarBackend(Backend):
                         END_SUBSCRIPTION,
                         consumer_type=pulsar.ConsumerType.Shared,
                         receiver_queue_size=0,
-                        initial_position=pulsar.InitialPosition.Latest,
+                        initial_position=pulsar.InitialPosition.Earliest,
                     )
                 consumer = self._end_consumer
             last = consumer.get_last_message_id()
@@ -417,11 +431,13 @@ class PulsarBackend(Backend):
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         clog = self._log.bind(writer=writer_id)
+        # Longer between two looks at the lease than this, and we were not watching.
+        max_gap = max(self.lease_timeout / 2, 3 * self.campaign_interval)
         while True:
             watch = self._watch()
             # Called at every round, so that time the lease reader spends disconnected
             # never counts as the writer's silence.
-            silent = watch.silent_for() if watch is not None else 0.0
+            silent = watch.silent_for(max_gap) if watch is not None else 0.0
             listening = watch is not None and watch.connected()
             # A lease reader that lost its connection means the broker is away: wait for
             # it rather than block in create_producer. Without a lease reader at all
@@ -433,10 +449,11 @@ class PulsarBackend(Backend):
                     if fence
                     else pulsar.ProducerAccessMode.Exclusive
                 )
+                term = secrets.token_hex(8)
                 try:
                     producer = self._client.create_producer(
                         self.topic,
-                        producer_name=self.producer_name,
+                        producer_name=f"ledgerlog.{self.ledger}.{term}",
                         access_mode=mode,
                         send_timeout_millis=0,
                         max_pending_messages=self.max_in_flight,
@@ -451,7 +468,7 @@ class PulsarBackend(Backend):
                     if fence:
                         clog.warning("took the ledger over from a silent writer")
                     try:
-                        return PulsarLogWriter(self, writer_id, producer, watch)
+                        return PulsarLogWriter(self, writer_id, producer, watch, term)
                     except BaseException:
                         with contextlib.suppress(Exception):
                             producer.close()
@@ -506,6 +523,10 @@ class PulsarBackend(Backend):
         if self._closed:
             raise ClosedError(f"backend {self.url} is closed")
 
+    def _new_client(self) -> Any:
+        """A ``pulsar.Client`` with this backend's settings (its own connections)."""
+        return pulsar.Client(self.service_url, **self._client_options)
+
     def _watch(self) -> _LeaseWatch | None:
         """The lease topic's watcher, created on first use; None while unreachable."""
         with self._lock:
@@ -555,7 +576,7 @@ class _LeaseWatch:
 
     def __init__(self, client: Any, topic: str) -> None:
         self._mutex = threading.Lock()
-        self._heard = time.monotonic()
+        self._heard = self._observed = time.monotonic()
         self._claims: deque[tuple[int, str, str]] = deque(maxlen=self._KEEP_CLAIMS)
         self._count = 0
         self._reader = client.create_reader(
@@ -579,12 +600,16 @@ class _LeaseWatch:
         except Exception:
             return False
 
-    def silent_for(self) -> float:
-        """Seconds since the lease topic was last heard from while we could listen."""
+    def silent_for(self, max_gap: float) -> float:
+        """Seconds the lease topic has been silent while we were listening without a
+        break. Observation counts only between calls less than `max_gap` apart and while
+        connected: a broker outage is not the writer's silence, and neither is time this
+        process itself spent stopped or doing something else."""
         now = time.monotonic()
         with self._mutex:
-            if not self.connected():
-                self._heard = now  # an outage is not the writer's silence
+            if not self.connected() or now - self._observed > max_gap:
+                self._heard = now
+            self._observed = now
             return now - self._heard
 
     def claim_count(self) -> int:
@@ -703,7 +728,6 @@ class _Acks:
         self.done = threading.Event()
         self.error: Any = None
         self.last: tuple[int, int] | None = None
-        self.first: tuple[int, int] | None = None
         self._slots = slots
         self._mutex = threading.Lock()
 
@@ -715,11 +739,9 @@ class _Acks:
                 self.pending -= 1
                 if result == pulsar.Result.Ok:
                     ledger_id, entry_id, _ = _ids(msg_id)
-                    if ledger_id >= 0:  # -1: a resend the broker deduplicated
-                        if self.last is None or (ledger_id, entry_id) > self.last:
-                            self.last = (ledger_id, entry_id)
-                        if self.first is None or (ledger_id, entry_id) < self.first:
-                            self.first = (ledger_id, entry_id)
+                    # ledger id -1: a resend the broker deduplicated.
+                    if ledger_id >= 0 and (self.last is None or (ledger_id, entry_id) > self.last):
+                        self.last = (ledger_id, entry_id)
                 elif self.error is None:
                     self.error = result
                 if self.pending <= 0 or self.error is not None:
@@ -738,13 +760,18 @@ class PulsarLogWriter(LogWriter):
     """The elected writer: holds the ledger topic's exclusive producer and the lease."""
 
     def __init__(
-        self, backend: PulsarBackend, writer_id: str, producer: Any, watch: _LeaseWatch | None
+        self,
+        backend: PulsarBackend,
+        writer_id: str,
+        producer: Any,
+        watch: _LeaseWatch | None,
+        term: str,
     ) -> None:
         self.backend = backend
         self.writer_id = writer_id
         self._producer = producer
         self._watch = watch
-        self._token = secrets.token_hex(8)
+        self._token = term
         self._log = log.bind(ledger=backend.ledger, writer=writer_id, term=self._token)
         self._slots = threading.BoundedSemaphore(backend.max_in_flight)
         self._append_lock = threading.Lock()
@@ -752,7 +779,6 @@ class PulsarLogWriter(LogWriter):
         self._broken: str | None = None
         self._closed = False
         self._end: Position | None = None
-        self._first_next: Position | None = None
         self._stop = threading.Event()
         self._claims_before = watch.claim_count() if watch is not None else 0
         backend._publish_lease("claim", self._token, writer_id, wait=True)
@@ -761,7 +787,7 @@ class PulsarLogWriter(LogWriter):
             target=self._beat, name=f"ledgerlog-lease-{writer_id}", daemon=True
         )
         self._heartbeat.start()
-        self._log.info("elected", producer=backend.producer_name)
+        self._log.info("elected", producer=producer.producer_name())
 
     @property
     def closed(self) -> bool:
@@ -844,14 +870,11 @@ class PulsarLogWriter(LogWriter):
                 raise BackendError(f"append to {self.backend.topic} failed: {error}")
             if acks.last is not None:
                 self._end = _next_position(*acks.last)
-            if acks.first is not None and self._first_next is None:
-                self._first_next = _next_position(*acks.first)
             return self._end if self._end is not None else self.backend.end()
 
     def intake(self, meta: bytes) -> PulsarIntakeConsumer:
         self.check()
-        key = self._first_next if self._first_next is not None else self.backend.end()
-        return PulsarIntakeConsumer(self, _term_key(key, self._token))
+        return PulsarIntakeConsumer(self, meta)
 
     def close(self) -> None:
         if self._closed:
@@ -872,23 +895,30 @@ class PulsarLogWriter(LogWriter):
 
 class PulsarIntakeProducer(IntakeProducer):
     """A client's producer on the intake topic. ``submit`` returns once the broker has the
-    message durably; concurrent submits travel together (pipelined, and batched into one
-    entry when ``intake_batch_delay_ms`` > 0)."""
+    message durably; concurrent submits are pipelined on one connection and share the
+    bookie journal's group commit."""
 
     def __init__(self, backend: PulsarBackend, client_id: str) -> None:
         self.backend = backend
         self.client_id = client_id
         self._closed = False
-        delay = backend.intake_batch_delay_ms
+        client = backend.client
         try:
-            self._producer = backend.client.create_producer(
+            # The retention anchor must exist before anything is published (see the
+            # module docstring); creating an existing subscription changes nothing.
+            client.subscribe(
+                backend.intake_topic,
+                WRITER_SUBSCRIPTION,
+                consumer_type=pulsar.ConsumerType.Failover,
+                receiver_queue_size=0,
+                initial_position=pulsar.InitialPosition.Earliest,
+            ).close()
+            self._producer = client.create_producer(
                 backend.intake_topic,
                 send_timeout_millis=0,  # never dropped across a reconnect; submit bounds the wait
                 max_pending_messages=10_000,
                 block_if_queue_full=False,
-                batching_enabled=delay > 0,
-                batching_max_publish_delay_ms=max(delay, 1),
-                batching_max_messages=1000,
+                batching_enabled=False,
                 properties={"ledgerlog-client": client_id},
             )
         except PulsarException as exc:
@@ -926,63 +956,94 @@ class PulsarIntakeProducer(IntakeProducer):
 
 
 class PulsarIntakeConsumer(IntakeConsumer):
-    """The elected writer's Failover consumer of ``ledgerlog-writer`` on the intake topic.
-    Items are acknowledged only after the append holding them succeeded."""
+    """The elected writer's reader on the intake topic, from the submission after the
+    one the newest visible record's meta names (the topic's start if none does)."""
 
-    def __init__(self, writer: PulsarLogWriter, name: str) -> None:
+    def __init__(self, writer: PulsarLogWriter, meta: bytes) -> None:
         self.writer = writer
-        self._log = writer._log.bind(consumer=name)
+        backend = writer.backend
         self._closed = False
+        self._meta = meta
+        after = _decode_meta(meta)
+        self._last: tuple[int, int, int] = after if after is not None else (-1, -1, -1)
+        self._log = writer._log.bind(intake_after=str(after))
+        if meta and after is None:
+            self._log.error("unreadable intake position in the ledger; rereading the intake")
+        elif after is None:
+            self._log.info("no intake position in the ledger; reading the intake from its start")
+        start = (
+            pulsar.MessageId(ledger_id=after[0], entry_id=after[1], batch_index=after[2])
+            if after is not None
+            else pulsar.MessageId.earliest
+        )
         try:
-            self._consumer = writer.backend.client.subscribe(
-                writer.backend.intake_topic,
-                WRITER_SUBSCRIPTION,
-                consumer_type=pulsar.ConsumerType.Failover,
-                consumer_name=name,
-                initial_position=pulsar.InitialPosition.Earliest,
+            self._reader = backend.client.create_reader(
+                backend.intake_topic,
+                start,
+                start_message_id_inclusive=False,
                 receiver_queue_size=_RECEIVER_QUEUE,
             )
+            self._anchor = backend.client.subscribe(
+                backend.intake_topic,
+                WRITER_SUBSCRIPTION,
+                consumer_type=pulsar.ConsumerType.Failover,
+                consumer_name=f"{writer.writer_id}.{writer._token}",
+                receiver_queue_size=0,
+                initial_position=pulsar.InitialPosition.Earliest,
+            )
         except PulsarException as exc:
-            raise BackendError(f"intake consumer on {writer.backend.intake_topic}: {exc}") from exc
+            self.close()
+            raise BackendError(f"intake reader on {backend.intake_topic}: {exc}") from exc
 
-    def _receive(self, timeout_ms: int) -> Any:
+    def _next(self, timeout_ms: int) -> Any:
         try:
-            return self._consumer.receive(timeout_ms)
+            return self._reader.read_next(timeout_ms)
         except pulsar.Timeout:
             return None
         except PulsarException as exc:
             if self._closed:
                 raise ClosedError("intake consumer is closed") from exc
-            self._log.warning("intake receive failed", error=repr(exc))
+            self._log.warning("intake read failed", error=repr(exc))
             return None
 
     def poll(self, max_items: int = 1024, timeout: float = 0.0) -> list[IntakeItem]:
         if self._closed:
             raise ClosedError("intake consumer is closed")
         items: list[IntakeItem] = []
-        msg = self._receive(max(int(timeout * 1000), 0))
+        msg = self._next(max(int(timeout * 1000), 0))
         while msg is not None:
-            items.append(IntakeItem(msg.data(), msg.message_id()))
-            if len(items) >= max_items:
-                break
-            msg = self._receive(0)
+            msg_id = msg.message_id()
+            ids = _ids(msg_id)
+            if ids > self._last:  # never hand out a submission twice, whatever reconnects do
+                self._last = ids
+                items.append(IntakeItem(msg.data(), msg_id))
+                if len(items) >= max_items:
+                    break
+            msg = self._next(0)
         return items
 
+    def meta(self, items: Sequence[IntakeItem]) -> bytes:
+        if items:
+            self._meta = _encode_meta(max(_ids(it.token) for it in items))
+        return self._meta
+
     def ack(self, items: Sequence[IntakeItem]) -> None:
-        # Best effort: an acknowledgement lost in a crash only means a redelivery, which
-        # the validator's txn-id deduplication absorbs.
-        for it in items:
-            try:
-                self._consumer.acknowledge(it.token)
-            except PulsarException as exc:
-                self._log.warning("intake acknowledgement failed", error=repr(exc))
-                return
+        # Only moves the retention anchor; best effort (a lost acknowledgement keeps a
+        # few consumed submissions around a little longer).
+        if not items:
+            return
+        last = max(items, key=lambda it: _ids(it.token))
+        try:
+            self._anchor.acknowledge_cumulative(last.token)
+        except PulsarException as exc:
+            self._log.debug("intake anchor acknowledgement failed", error=repr(exc))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._consumer.close()  # flushes grouped acknowledgements
-        except PulsarException as exc:
-            self._log.debug("closing the intake consumer", error=repr(exc))
+        for name in ("_reader", "_anchor"):
+            handle = getattr(self, name, None)
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    handle.close()  # the anchor's close flushes grouped acknowledgements

@@ -1,0 +1,662 @@
+"""The Pulsar backend end to end, against a real broker (one per session).
+
+What is checked, beyond the conformance suite:
+
+- positions: a reader started where no entry exists yet, or across a BookKeeper ledger
+  rollover (forced with the admin API's topic unload), resumes exactly;
+- bank transfers through ``ledgerlog.open("pulsar://...")`` clients (``writer="auto"``):
+  money is conserved and every replica reaches the same digest;
+- kill -9 of the process holding the elected writer mid-stream: a standby takes over and
+  every transaction a client saw committed is in the ledger exactly once;
+- a restart of the Pulsar process mid-stream: clients and readers resume, nothing lost or
+  duplicated;
+- a writer process SIGSTOPped, replaced, then SIGCONTed: no record it sends afterwards is
+  accepted by any reader.
+
+Fault tests run the clients as child processes: this file is also their script
+(``python integration/test_pulsar_backend.py bank ...``), and each writes what it saw
+committed to a file as it goes, so a SIGKILL loses nothing the test relies on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ledgerlog
+from ledgerlog.errors import (
+    ConfigError,
+    ConflictError,
+    LedgerlogError,
+    TransactionAborted,
+)
+from ledgerlog.model import START, Outcome, Position
+from ledgerlog.reader import Reader
+from ledgerlog.validator import EntryResult, ValidatorState, process_entry
+from ledgerlog.views.memory import MemoryView
+
+pytest.importorskip("pulsar")
+from ledgerlog.backends.pulsar import PulsarBackend
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parent.parent
+LEASE = 2.0
+ACCOUNTS = 40
+
+
+# -- load: bank transfers -------------------------------------------------------------------
+
+
+class Bank:
+    """Threads doing transfers between ``acct/NN`` keys through one client. Balances may
+    go negative, so the total stays 0 exactly when every committed transfer was applied
+    whole and serializably. `committed` holds the client seqs seen committed."""
+
+    def __init__(
+        self,
+        client: ledgerlog.Client,
+        threads: int = 4,
+        seed: int = 0,
+        record: Any = None,
+    ) -> None:
+        self.client = client
+        self.committed: list[int] = []
+        self.aborted = 0
+        self.unknown = 0
+        self._record = record
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(seed * 100 + i,), daemon=True)
+            for i in range(threads)
+        ]
+
+    def start(self) -> Bank:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self._stop.is_set():
+            src, dst = rng.sample(range(ACCOUNTS), 2)
+            amount = rng.randint(1, 9)
+            try:
+                tx = self.client.transaction()
+                a = tx.get(f"acct/{src:02d}", 0)
+                b = tx.get(f"acct/{dst:02d}", 0)
+                tx.put(f"acct/{src:02d}", a - amount)
+                tx.put(f"acct/{dst:02d}", b + amount)
+                tx.commit()
+            except (ConflictError, TransactionAborted):
+                with self._lock:
+                    self.aborted += 1
+                continue
+            except LedgerlogError:
+                # Commit unknown / broker away: the next transaction is a new one.
+                with self._lock:
+                    self.unknown += 1
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                self.committed.append(tx.txn_id.client_seq)
+                if self._record is not None:
+                    self._record(tx.txn_id.client_seq)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+
+# -- checking a ledger ------------------------------------------------------------------------
+
+
+class LedgerWalk:
+    """Every entry of a ledger, validated one by one with ``process_entry``."""
+
+    def __init__(self, url: str) -> None:
+        self.entries: list[tuple[Position, EntryResult]] = []
+        self.state = ValidatorState()
+        backend = PulsarBackend.from_url(url)
+        try:
+            end = backend.end()
+            with backend.reader(START) as r:
+                deadline = time.monotonic() + 60
+                while not r.caught_up(end):
+                    assert time.monotonic() < deadline, "ledger walk did not reach the end"
+                    for e in r.read(4096, timeout=0.2):
+                        self.entries.append((e.position, process_entry(self.state, e.data)))
+        finally:
+            backend.close()
+
+    def committed_counts(self) -> dict[tuple[str, int], int]:
+        counts: dict[tuple[str, int], int] = {}
+        for _pos, res in self.entries:
+            for d in res.decisions:
+                if d.txn_id is not None and d.outcome is Outcome.COMMITTED:
+                    key = (d.txn_id.client_id, d.txn_id.client_seq)
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def replica(url: str) -> tuple[Reader, MemoryView, PulsarBackend]:
+    """A fresh reader with a view, caught up to the ledger's end."""
+    backend = PulsarBackend.from_url(url)
+    view = MemoryView()
+    reader = Reader(backend, [view], name="checker", keep_digests=1 << 20)
+    reader.sync(timeout=60)
+    return reader, view, backend
+
+
+def total(view: MemoryView) -> tuple[int, int]:
+    rows = view.range("acct/", "acct0")
+    return sum(v for _k, v in rows), len(rows)
+
+
+def assert_exactly_once(walk: LedgerWalk, seen: dict[str, list[int]]) -> int:
+    counts = walk.committed_counts()
+    assert all(n == 1 for n in counts.values()), "a transaction committed twice"
+    missing = [(c, s) for c, seqs in seen.items() for s in seqs if counts.get((c, s)) != 1]
+    assert not missing, f"seen committed but not in the ledger exactly once: {missing[:5]}"
+    return sum(len(v) for v in seen.values())
+
+
+# -- child processes ----------------------------------------------------------------------------
+
+
+class Child:
+    """A bank client in its own process (``writer="auto"``), logging to a file."""
+
+    def __init__(self, url: str, client_id: str, workdir: Path, threads: int = 3) -> None:
+        self.client_id = client_id
+        self.log_path = workdir / f"{client_id}.log"
+        self.seen_path = workdir / f"{client_id}.seen"
+        self.stop_path = workdir / f"{client_id}.stop"
+        self.exit_path = workdir / f"{client_id}.exit"
+        with open(self.log_path, "wb") as out:
+            self.popen = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(SCRIPT),
+                    "bank",
+                    url,
+                    client_id,
+                    str(workdir),
+                    "--threads",
+                    str(threads),
+                    "--lease",
+                    str(LEASE),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def lines(self, prefix: str) -> list[str]:
+        return [ln for ln in self.log().splitlines() if ln.startswith(prefix)]
+
+    def wait_for(self, prefix: str, timeout: float, count: int = 1) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.lines(prefix)) >= count:
+                return True
+            if not self.alive():
+                break
+            time.sleep(0.05)
+        return len(self.lines(prefix)) >= count
+
+    def seen(self) -> list[int]:
+        """Client seqs it saw committed (an unfinished last line, cut by a kill, dropped)."""
+        try:
+            text = self.seen_path.read_text()
+        except FileNotFoundError:
+            return []
+        return [int(x.split()[0]) for x in text.split("\n")[:-1] if x]
+
+    def commits(self) -> int:
+        return len(self.seen())
+
+    def final(self) -> tuple[int, str]:
+        _, seq, digest = self.lines("FINAL")[-1].split()
+        return int(seq), digest
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGCONT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(20)
+
+
+def wait_until(predicate: Any, timeout: float, what: str, step: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def finish(children: list[Child], timeout: float = 90.0) -> None:
+    """Stop every live child's load, wait for its FINAL line, then let it exit."""
+    live = [c for c in children if c.alive()]
+    for c in live:
+        c.stop_path.touch()
+    for c in live:
+        assert c.wait_for("FINAL", timeout), f"{c.client_id} did not finish:\n{c.log()[-3000:]}"
+    for c in live:
+        c.exit_path.touch()
+    for c in live:
+        try:
+            c.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            c.kill()
+
+
+def child_bank(argv: list[str]) -> int:
+    """Child side: a ``writer="auto"`` client doing transfers until told to stop."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("url")
+    ap.add_argument("client_id")
+    ap.add_argument("workdir")
+    ap.add_argument("--threads", type=int, default=3)
+    ap.add_argument("--lease", type=float, default=LEASE)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+    workdir = Path(a.workdir)
+    stop_path = workdir / f"{a.client_id}.stop"
+    exit_path = workdir / f"{a.client_id}.exit"
+    seen_fd = os.open(workdir / f"{a.client_id}.seen", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+    def say(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    client = ledgerlog.open(
+        a.url, client_id=a.client_id, writer="auto", timeout=15.0, lease_timeout=a.lease
+    )
+    writer = client.writer
+    assert writer is not None
+    say(f"STARTED pid={os.getpid()}")
+
+    def monitor() -> None:
+        elected = False
+        while True:
+            now = writer.elected.is_set()
+            if now != elected:
+                state = f"ELECTED epoch={writer.epoch}" if now else f"STANDBY after={writer.epoch}"
+                say(f"{state} t={time.time():.3f}")
+                elected = now
+            time.sleep(0.02)
+
+    threading.Thread(target=monitor, daemon=True).start()
+    client.wait_writer(60)
+    bank = Bank(
+        client,
+        threads=a.threads,
+        seed=hash(a.client_id) & 0xFFFF,
+        record=lambda seq: os.write(seen_fd, f"{seq} {time.time():.3f}\n".encode()),
+    ).start()
+    say("LOADING")
+    while not stop_path.exists():
+        time.sleep(0.05)
+    bank.stop()
+    for _ in range(10):
+        try:
+            client.sync(timeout=30)
+            break
+        except (LedgerlogError, TimeoutError) as exc:
+            say(f"SYNC RETRY {exc!r}")
+            time.sleep(1)
+    say(f"FINAL {client.last_seq} {client.digest.hex()}")
+    while not exit_path.exists():
+        time.sleep(0.05)
+    client.close()  # closes the backend ledgerlog.open made for it
+    say("EXIT")
+    return 0
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def url(local_pulsar: Any) -> str:
+    return f"{local_pulsar.service_url}/public/default/bank-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Iterator[list[Child]]:
+    made: list[Child] = []
+    yield made
+    for c in made:
+        c.kill()
+
+
+# -- positions ------------------------------------------------------------------------------
+
+
+def test_from_url_parses_and_validates() -> None:
+    b = PulsarBackend.from_url(
+        "pulsar://127.0.0.1:6650/acme/ledgers/orders?token=t0k&lease_timeout=3"
+        "&tls_validate_hostname=false",
+        append_timeout=5,
+    )
+    try:
+        assert b.topic == "persistent://acme/ledgers/orders"
+        assert b.intake_topic == "persistent://acme/ledgers/orders-intake"
+        assert b.lease_topic == "non-persistent://acme/ledgers/orders-lease"
+        assert b.lease_timeout == 3.0 and b.append_timeout == 5.0
+        assert "t0k" not in b.url
+    finally:
+        b.close()
+    for bad in (
+        "pulsar://h:6650/",
+        "pulsar://h:6650/a/b",
+        "pulsar://h:6650/x?nope=1",
+        "pulsar://h:6650/x-intake",
+        "pulsar://user:pw@h:6650/x",
+        "pulsar://h:6650/x?lease_timeout=-1",
+    ):
+        with pytest.raises(ConfigError):
+            PulsarBackend.from_url(bad)
+
+
+def _unload(admin_url: str, ledger: str) -> None:
+    req = urllib.request.Request(
+        f"{admin_url}/admin/v2/persistent/public/default/{ledger}/unload", method="PUT"
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status in (200, 204)
+
+
+def test_positions_survive_missing_entries_and_ledger_rollover(local_pulsar: Any) -> None:
+    ledger = f"pos-{uuid.uuid4().hex[:10]}"
+    backend = PulsarBackend(local_pulsar.service_url, ledger, lease_timeout=LEASE)
+    try:
+        assert backend.end() == START
+        lw = backend.campaign("w", timeout=30)
+        first = [f"a{i}".encode() for i in range(5)]
+        end1 = lw.append(first, b"")
+        assert backend.end() == end1
+        with backend.reader(START) as r:
+            got1 = []
+            while len(got1) < 5:
+                got1.extend(r.read(16, timeout=1))
+        assert got1[-1].next == end1
+        # A reader whose start entry does not exist yet waits for it.
+        tail = backend.reader(end1)
+        assert tail.read(16, timeout=0.3) == [] and tail.read(16, timeout=0.0) == []
+        # Force a new BookKeeper ledger under the topic; the writer's producer reconnects.
+        _unload(local_pulsar.admin_url, ledger)
+        # A reader created after the rollover, at the old ledger's end, before any new entry.
+        tail2 = backend.reader(end1)
+        second = [f"b{i}".encode() for i in range(5)]
+        end2 = lw.append(second, b"")
+        assert end2.major > end1.major, "the unload did not roll the topic's ledger over"
+        assert backend.end() == end2
+        for r in (tail, tail2):
+            got = []
+            deadline = time.monotonic() + 30
+            while len(got) < 5 and time.monotonic() < deadline:
+                got.extend(r.read(16, timeout=0.5))
+            assert [e.data for e in got] == second
+            assert got[0].position == Position(end2.major, 0)
+            assert r.caught_up(backend.end())
+            r.close()
+        with backend.reader(START) as r:
+            everything = []
+            while len(everything) < 10:
+                everything.extend(r.read(64, timeout=1))
+        assert [e.data for e in everything] == first + second
+        for i, e in enumerate(everything):
+            with backend.reader(e.next) as r:
+                rest = []
+                deadline = time.monotonic() + 10
+                while len(rest) < 9 - i and time.monotonic() < deadline:
+                    rest.extend(r.read(64, timeout=0.3 if not rest else 0.0))
+                assert [x.data for x in rest] == (first + second)[i + 1 :]
+        # The start of the new ledger, as a Position with entry 0.
+        with backend.reader(Position(end2.major, 0)) as r:
+            assert [e.data for e in r.read(64, timeout=2)][:1] == [b"b0"]
+        lw.close()
+    finally:
+        backend.close()
+
+
+def test_end_is_one_cheap_round_trip(local_pulsar: Any) -> None:
+    backend = PulsarBackend(local_pulsar.service_url, f"end-{uuid.uuid4().hex[:10]}")
+    try:
+        with backend.campaign("w", timeout=30) as lw:
+            lw.append([b"x"] * 20, b"")
+        backend.end()
+        started = time.perf_counter()
+        for _ in range(20):
+            backend.end()
+        assert (time.perf_counter() - started) / 20 < 0.05
+    finally:
+        backend.close()
+
+
+# -- end to end -----------------------------------------------------------------------------
+
+
+def test_transfers_conserve_money_and_replicas_agree(url: str) -> None:
+    clients = [
+        ledgerlog.open(url, client_id=f"bank{i}", writer="auto", timeout=20, lease_timeout=LEASE)
+        for i in range(3)
+    ]
+    banks: list[Bank] = []
+    try:
+        clients[0].wait_writer(60)
+        banks = [Bank(c, threads=4, seed=i).start() for i, c in enumerate(clients)]
+        started = time.monotonic()
+        time.sleep(8)
+        for b in banks:
+            b.stop()
+        elapsed = time.monotonic() - started
+        committed = sum(len(b.committed) for b in banks)
+        print(
+            f"\n[pulsar e2e] {committed} transfers committed in {elapsed:.1f}s "
+            f"= {committed / elapsed:.0f} txn/s ({sum(b.aborted for b in banks)} aborted, "
+            f"{sum(b.unknown for b in banks)} unknown)"
+        )
+        assert committed > 50
+        seqs = {c.sync(timeout=60) for c in clients}
+        assert len(seqs) == 1
+        assert len({c.digest for c in clients}) == 1
+        assert sum(1 for c in clients if c.writer and c.writer.elected.is_set()) == 1
+        reader, view, backend = replica(url)
+        try:
+            assert reader.last_seq == seqs.pop()
+            assert reader.digest == clients[0].digest
+            assert total(view) == (0, ACCOUNTS)
+        finally:
+            reader.close()
+            backend.close()
+        walk = LedgerWalk(url)
+        seen = {c.client_id: b.committed for c, b in zip(clients, banks, strict=True)}
+        assert assert_exactly_once(walk, seen) == committed
+    finally:
+        for b in banks:
+            b.stop()
+        for c in clients:
+            c.close()
+
+
+def test_kill_9_of_the_elected_writer_loses_nothing(
+    url: str, tmp_path: Path, children: list[Child]
+) -> None:
+    first = Child(url, "kill-a", tmp_path)
+    children.append(first)
+    assert first.wait_for("ELECTED", 60), first.log()
+    children += [Child(url, "kill-b", tmp_path), Child(url, "kill-c", tmp_path)]
+    for c in children:
+        assert c.wait_for("LOADING", 60), c.log()
+    wait_until(lambda: all(c.commits() >= 20 for c in children), 60, "load on every client")
+    before = first.commits()
+    first.kill()  # SIGKILL mid-stream, with transactions in flight
+    survivors = children[1:]
+    wait_until(
+        lambda: sum(len(c.lines("ELECTED")) for c in survivors) >= 1, 60, "a standby's election"
+    )
+    counts = [c.commits() for c in survivors]
+    wait_until(
+        lambda: all(c.commits() >= n + 30 for c, n in zip(survivors, counts, strict=True)),
+        60,
+        "commits under the new writer",
+    )
+    finish(survivors)
+    seen = {c.client_id: c.seen() for c in children}
+    assert len(seen["kill-a"]) >= before
+    walk = LedgerWalk(url)
+    assert assert_exactly_once(walk, seen) > 0
+    epochs = [res.epoch for _p, res in walk.entries if res.kind == "epoch"]
+    assert len(epochs) >= 2 and epochs == sorted(epochs)
+    reader, view, backend = replica(url)
+    try:
+        assert total(view) == (0, ACCOUNTS)
+        for c in survivors:
+            seq, digest = c.final()
+            assert reader.digest_at(seq) is not None and reader.digest_at(seq).hex() == digest
+    finally:
+        reader.close()
+        backend.close()
+
+
+def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
+    url: str, local_pulsar: Any
+) -> None:
+    clients = [
+        ledgerlog.open(url, client_id=f"rs{i}", writer="auto", timeout=10, lease_timeout=LEASE)
+        for i in range(2)
+    ]
+    observer = None
+    banks: list[Bank] = []
+    try:
+        clients[0].wait_writer(60)
+        # A replica without a writer that tails through the restart as well.
+        obs_backend = PulsarBackend.from_url(url)
+        obs_view = MemoryView()
+        observer = Reader(obs_backend, [obs_view], name="observer", keep_digests=1 << 20).start()
+        banks = [Bank(c, threads=3, seed=10 + i).start() for i, c in enumerate(clients)]
+        wait_until(lambda: all(len(b.committed) >= 30 for b in banks), 60, "load")
+        local_pulsar.restart()
+        after = [len(b.committed) for b in banks]
+        wait_until(
+            lambda: all(len(b.committed) >= n + 30 for b, n in zip(banks, after, strict=True)),
+            120,
+            "commits after the restart",
+        )
+        for b in banks:
+            b.stop()
+        seqs = {c.sync(timeout=60) for c in clients}
+        assert len(seqs) == 1, seqs
+        assert len({c.digest for c in clients}) == 1
+        assert observer.sync(timeout=60) == seqs.pop()
+        assert observer.digest == clients[0].digest
+        assert total(obs_view) == (0, ACCOUNTS)
+        walk = LedgerWalk(url)
+        seen = {c.client_id: b.committed for c, b in zip(clients, banks, strict=True)}
+        assert assert_exactly_once(walk, seen) > 0
+        # Nothing the reader accepted is out of seq order or duplicated.
+        seqs_seen = [d.seq for _p, res in walk.entries for d in res.decisions if d.seq]
+        assert seqs_seen == sorted(set(seqs_seen))
+    finally:
+        for b in banks:
+            b.stop()
+        if observer is not None:
+            observer.close()
+            observer.backend.close()
+        for c in clients:
+            c.close()
+
+
+def test_sigstopped_writer_is_replaced_and_never_accepted_after(
+    url: str, tmp_path: Path, children: list[Child]
+) -> None:
+    hung = Child(url, "stop-a", tmp_path)
+    children.append(hung)
+    assert hung.wait_for("ELECTED", 60), hung.log()
+    other = Child(url, "stop-b", tmp_path)
+    children.append(other)
+    for c in children:
+        assert c.wait_for("LOADING", 60), c.log()
+    wait_until(lambda: all(c.commits() >= 20 for c in children), 60, "load on both clients")
+    hung.signal(signal.SIGSTOP)
+    try:
+        assert other.wait_for("ELECTED", LEASE + 30), other.log()
+        n = other.commits()
+        wait_until(lambda: other.commits() >= n + 30, 60, "commits under the new writer")
+    finally:
+        hung.signal(signal.SIGCONT)
+    # The resumed process runs on: its writer learns it was deposed and stands by.
+    assert hung.wait_for("STANDBY", 30), hung.log()
+    n = hung.commits()
+    wait_until(lambda: hung.commits() >= n + 10, 60, "the resumed client's commits")
+    # Its own pause did not count as the new writer's silence: no takeover back.
+    assert len(hung.lines("ELECTED")) == 1 and len(other.lines("ELECTED")) == 1
+    finish(children)
+    walk = LedgerWalk(url)
+    epochs = [(res.epoch, res.writer_id, i) for i, (_p, res) in enumerate(walk.entries)]
+    takeover = next(
+        i
+        for i, (_p, res) in enumerate(walk.entries)
+        if res.kind == "epoch" and res.writer_id == "stop-b"
+    )
+    old_epoch = max(e for e, w, i in epochs if w == "stop-a" and i < takeover)
+    late = [res for _p, res in walk.entries[takeover:] if res.writer_id == "stop-a"]
+    accepted = [r for r in late if r.kind == "record" and r.epoch <= old_epoch]
+    assert not accepted, f"{len(accepted)} records of the deposed writer were accepted"
+    seen = {c.client_id: c.seen() for c in children}
+    assert assert_exactly_once(walk, seen) > 0
+    reader, view, backend = replica(url)
+    try:
+        assert total(view) == (0, ACCOUNTS)
+        for c in children:
+            seq, digest = c.final()
+            assert reader.digest_at(seq) is not None and reader.digest_at(seq).hex() == digest
+    finally:
+        reader.close()
+        backend.close()
+
+
+if __name__ == "__main__":
+    roles = {"bank": child_bank}
+    sys.exit(roles[sys.argv[1]](sys.argv[2:]))
