@@ -108,7 +108,8 @@ class LogWriter(abc.ABC):
     @abc.abstractmethod
     def append(self, entries: Sequence[bytes], state: bytes) -> Position:
         """Append entries durably, in order; returns the position after the last one.
-        `state` is the sequencer state after them, for backends that keep restart points.
+        `state` is the sequencer state after them, for backends that keep restart points,
+        or b"" when the writer does not know it yet (its own epoch start).
         Raises FencedError if another writer took over (the entries then never count)."""
 
     @abc.abstractmethod

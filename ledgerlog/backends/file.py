@@ -622,7 +622,7 @@ class FileLogWriter(LogWriter):
             size = os.fstat(self._fd).st_size
         except OSError as exc:
             raise BackendError(f"append to {self.backend.ledger} failed: {exc}") from exc
-        if size >= self.backend.segment_bytes:
+        if size >= self.backend.segment_bytes and state:
             self._roll(SequencerState.from_bytes(state))
             return Position(self._segment, os.fstat(self._fd).st_size)
         return Position(self._segment, size)

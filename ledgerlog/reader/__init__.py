@@ -22,7 +22,7 @@ import structlog
 
 from ledgerlog import metrics
 from ledgerlog.backends.base import Backend, LogReader
-from ledgerlog.errors import ClosedError, FormatError, LedgerlogError
+from ledgerlog.errors import BackendError, ClosedError, FormatError, LedgerlogError
 from ledgerlog.model import START, Decision, Position
 from ledgerlog.validator import (
     C_COMMITTED,
@@ -321,7 +321,13 @@ class Reader:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self.poll(timeout=0.05)
+                try:
+                    self.poll(timeout=0.05)
+                except BackendError:
+                    # The storage is unreachable for now; the log reader resumes where it
+                    # stopped. Anything else (divergence, a view failing) stops the reader.
+                    self._log.warning("read failed; retrying", exc_info=True)
+                    self._stop.wait(0.5)
         except BaseException as exc:
             self.error = exc
             self._log.exception("reader stopped on an error")

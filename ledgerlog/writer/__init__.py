@@ -129,6 +129,11 @@ class Writer:
                 lw = self.backend.campaign(self.writer_id, timeout=0.25)
             except NotElectedError:
                 continue
+            except BackendError:
+                # The storage is unreachable for now: keep standing by.
+                self._log.warning("campaign failed; retrying", exc_info=True)
+                self._stop.wait(0.5)
+                continue
             try:
                 self._serve(lw)
             except FencedError as exc:
@@ -159,8 +164,9 @@ class Writer:
                     state.advance(e.data)
             epoch = state.epoch + 1
             hlc = HLC(state.hlc)
-            marker_state = SequencerState(epoch, state.next_seq, state.hlc, state.meta)
-            lw.append([encode_epoch(epoch, self.writer_id, hlc.now())], marker_state.to_bytes())
+            # The state after our epoch start is not known until we have read through it
+            # (a deposed writer may still slip records in before it): say so with b"".
+            lw.append([encode_epoch(epoch, self.writer_id, hlc.now())], b"")
             # Read through our own epoch start: entries a deposed writer slipped in before
             # it still count, and anything after it never does.
             deadline = time.monotonic() + 30.0
