@@ -676,11 +676,6 @@ def test_deeply_nested_txn_in_record_does_not_crash_reader() -> None:
     assert res.kind in ("record", "malformed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a deeply nested value inside a txn makes "
-    "validate()/validate_batch raise RecursionError instead of deciding malformed",
-)
 def test_deeply_nested_value_in_txn_is_malformed_not_a_crash() -> None:
     body = msgspec.msgpack.encode(codec.WireTxn("c", 1, 0, [], [], [(1, "k", None)], []))
     deep_txn = body[:-3] + DEEP + body[-2:]  # replace the put's nil value (then [] and nil)

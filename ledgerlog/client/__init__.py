@@ -116,12 +116,10 @@ def open_backend(target: str | os.PathLike[str] | Backend, **options: Any) -> Ba
         return PulsarBackend.from_url(text, **options)
     if scheme == "bookkeeper":
         try:
-            from ledgerlog.backends.bookkeeper import (  # type: ignore[import-not-found]
-                BookKeeperBackend,
-            )
+            from ledgerlog.backends.bookkeeper import BookKeeperBackend
         except ImportError as exc:
             raise ConfigError(f"the BookKeeper backend is not available here: {exc}") from exc
-        return BookKeeperBackend.from_url(text, **options)  # type: ignore[no-any-return]
+        return BookKeeperBackend.from_url(text, **options)
     raise ConfigError(f"unknown ledger URL scheme {scheme!r} in {text!r}")
 
 

@@ -47,6 +47,7 @@ import msgspec
 from sortedcontainers import SortedList
 
 from ledgerlog.codec import (
+    DECODE_ERRORS,
     OP_PUT,
     WireEpoch,
     WireIntake,
@@ -82,19 +83,23 @@ _blake2b = hashlib.blake2b
 _seq_pack = struct.Struct(">QB").pack
 _U64_MAX: Final = 2**64 - 1
 
+_TXN_DECODE_ERRORS: Final = DECODE_ERRORS
+"""What decoding a transaction may raise that makes it "malformed" (anything else
+propagates). Both implementations catch exactly these."""
+
 
 def _load_c_extension() -> Any:
     """The C state module, configured, or None (not built, or LEDGERLOG_PURE_PYTHON=1)."""
     if os.environ.get("LEDGERLOG_PURE_PYTHON", "").strip() not in ("", "0"):
         return None
     try:
-        from ledgerlog.validator import _cstate  # type: ignore[attr-defined]
+        from ledgerlog.validator import _cstate
     except ImportError:
         return None
     try:
         _cstate.configure(
             decode_wire_txn,
-            (msgspec.DecodeError, ValueError),
+            _TXN_DECODE_ERRORS,
             SortedList,
             WireTxn,
             WireTxn.__struct_fields__[:7],
@@ -369,7 +374,7 @@ def validate_batch(
         detail: str | None = None
         try:
             txn = decode(raw)
-        except (msgspec.DecodeError, ValueError) as exc:
+        except _TXN_DECODE_ERRORS as exc:
             code, detail = C_MALFORMED, f"undecodable: {exc}"
         else:
             tid = (txn.client_id, txn.client_seq)

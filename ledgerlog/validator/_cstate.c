@@ -1133,10 +1133,11 @@ static PyObject *State_validate_batch(State *st, PyObject *args)
     uint64_t first = PyLong_AsUnsignedLongLong(first_o);
     if (first == (uint64_t)-1 && PyErr_Occurred())
         return NULL;
-    PyObject *raws = PySequence_Fast(raws_in, "raws must be a sequence");
+    /* A private copy: the caller's list cannot change under us during callbacks. */
+    PyObject *raws = PySequence_Tuple(raws_in);
     if (!raws)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(raws);
+    Py_ssize_t n = PyTuple_GET_SIZE(raws);
     if (n > 0 && first + (uint64_t)(n - 1) < first) {
         Py_DECREF(raws);
         PyErr_SetString(PyExc_OverflowError, "seqs of this batch pass 2**64-1");
@@ -1157,10 +1158,9 @@ static PyObject *State_validate_batch(State *st, PyObject *args)
     applied = PyList_New(0);
     if (!outcomes || !applied)
         goto out;
-    PyObject **items = PySequence_Fast_ITEMS(raws);
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t seq = first + (uint64_t)i;
-        PyObject *raw = items[i];
+        PyObject *raw = PyTuple_GET_ITEM(raws, i);
         Verdict v = {C_COMMITTED, NULL, NULL, 0, 0};
         PyObject *tid = NULL;
         PyObject *txn = PyObject_CallOneArg(g_decode, raw);
@@ -1391,7 +1391,7 @@ out:
 }
 
 /* export() -> (history, committed_history) in the snapshot's shape. */
-static PyObject *State_export(State *st, PyObject *Py_UNUSED(ignored))
+static PyObject *State_export_impl(State *st)
 {
     PyObject *hist = PyList_New(0), *chist = PyList_New(0), *group = NULL, *res = NULL;
     if (!hist || !chist)
@@ -1492,7 +1492,7 @@ static PyObject *State_committed_seq(State *st, PyObject *args)
     return PyLong_FromUnsignedLongLong(st->it.slots[i].seq);
 }
 
-static PyObject *State_last_writes(State *st, PyObject *Py_UNUSED(ignored))
+static PyObject *State_last_writes_impl(State *st)
 {
     PyObject *d = PyDict_New();
     if (!d)
@@ -1515,7 +1515,7 @@ static PyObject *State_last_writes(State *st, PyObject *Py_UNUSED(ignored))
     return d;
 }
 
-static PyObject *State_committed_ids(State *st, PyObject *Py_UNUSED(ignored))
+static PyObject *State_committed_ids_impl(State *st)
 {
     PyObject *d = PyDict_New();
     if (!d)
@@ -1546,7 +1546,7 @@ static PyObject *State_committed_ids(State *st, PyObject *Py_UNUSED(ignored))
     return d;
 }
 
-static PyObject *State_keys(State *st, PyObject *Py_UNUSED(ignored)) { return key_list(st); }
+static PyObject *State_keys_impl(State *st) { return key_list(st); }
 
 static int check_table(const Table *t, const Log *lg, const char *name, size_t *maxrun)
 {
@@ -1623,7 +1623,7 @@ static int check_log(const Log *lg, const char *name, size_t *groups)
 }
 
 /* check() -> dict of figures; raises AssertionError if an internal invariant is broken. */
-static PyObject *State_check(State *st, PyObject *Py_UNUSED(ignored))
+static PyObject *State_check_impl(State *st)
 {
     size_t krun = 0, irun = 0, groups = 0, igroups = 0;
     if (check_table(&st->kt, &st->klog, "keys", &krun) < 0 ||
@@ -1661,6 +1661,59 @@ static PyObject *State_check(State *st, PyObject *Py_UNUSED(ignored))
                          "id_entries", (Py_ssize_t)st->ilog.count, "arena_bytes",
                          (Py_ssize_t)(st->klog.acap + st->ilog.acap), "has_index",
                          st->index ? Py_True : Py_False);
+}
+
+static PyObject *State_export(State *st, PyObject *Py_UNUSED(ignored))
+{
+    /* allocating may run arbitrary code (finalizers): no one may change the state
+       while it is being walked */
+    if (enter(st) < 0)
+        return NULL;
+    PyObject *r = State_export_impl(st);
+    st->busy = 0;
+    return r;
+}
+
+static PyObject *State_last_writes(State *st, PyObject *Py_UNUSED(ignored))
+{
+    /* allocating may run arbitrary code (finalizers): no one may change the state
+       while it is being walked */
+    if (enter(st) < 0)
+        return NULL;
+    PyObject *r = State_last_writes_impl(st);
+    st->busy = 0;
+    return r;
+}
+
+static PyObject *State_committed_ids(State *st, PyObject *Py_UNUSED(ignored))
+{
+    /* allocating may run arbitrary code (finalizers): no one may change the state
+       while it is being walked */
+    if (enter(st) < 0)
+        return NULL;
+    PyObject *r = State_committed_ids_impl(st);
+    st->busy = 0;
+    return r;
+}
+
+static PyObject *State_check(State *st, PyObject *Py_UNUSED(ignored))
+{
+    /* allocating may run arbitrary code (finalizers): no one may change the state
+       while it is being walked */
+    if (enter(st) < 0)
+        return NULL;
+    PyObject *r = State_check_impl(st);
+    st->busy = 0;
+    return r;
+}
+
+static PyObject *State_keys(State *st, PyObject *Py_UNUSED(ignored))
+{
+    if (enter(st) < 0)
+        return NULL;
+    PyObject *r = State_keys_impl(st);
+    st->busy = 0;
+    return r;
 }
 
 static PyObject *State_get_index(State *st, void *Py_UNUSED(c))

@@ -51,7 +51,12 @@ class MemoryView(View):
         # 1.45x faster applies once keys exist). Deletes are rarer, so tombstones keep
         # the simpler SortedDict.
         self._data: dict[str, tuple[Any, int]] = {}  # key -> (value, version)
-        self._keys = SortedList()  # the keys of _data, in order
+        # The keys of _data in order, except the newest: keys that appear are only
+        # appended to _new_keys, and merged into _keys by the first read that needs the
+        # order (one sort of many keys is far cheaper than a SortedList.add each, and a
+        # view that is never range-read never pays). See _sorted_keys.
+        self._keys = SortedList()
+        self._new_keys: list[str] = []
         self._tombs: SortedDict = SortedDict()  # key -> seq of its latest delete
         # (seq, key) per delete in seq order, so pruning never scans the map. A put
         # after a delete leaves the tombstone in place: versions come from _data first,
@@ -69,29 +74,41 @@ class MemoryView(View):
     def apply(self, applied: Applied, checkpoint: Checkpoint) -> None:
         with self._lock:
             check_batch(self.name, applied, self._next_seq, checkpoint)
-            # The hot path: locals only; the only calls are SortedList's, and only when
-            # a key appears or disappears.
+            # The hot path: locals only, one dict store per put (a key is new iff the
+            # store grew the dict); SortedList is only called when a key disappears.
             data = self._data
-            keys_add = self._keys.add
-            keys_remove = self._keys.remove
+            new_keys = self._new_keys
+            new_key = new_keys.append
             tombs = self._tombs
             tomb_append = self._tomb_log.append
             put = OP_PUT
+            n = len(data)
             for seq, txn in applied:
                 for op, key, value in txn.writes:
                     if op == put:
-                        if key not in data:
-                            keys_add(key)
                         data[key] = (value, seq)
+                        if len(data) != n:
+                            n += 1
+                            new_key(key)
                     else:
                         if key in data:
                             del data[key]
-                            keys_remove(key)
+                            n -= 1
+                            if new_keys:
+                                self._sorted_keys()
+                            self._keys.remove(key)
                         tombs[key] = seq
                         tomb_append((seq, key))
             self._checkpoint = carry_snapshot(self._checkpoint, checkpoint)
             self._next_seq = checkpoint.next_seq
             self._prune(checkpoint.next_seq - 1 - self.window)
+
+    def _sorted_keys(self) -> SortedList:
+        """The keys of _data in order (call with the lock held)."""
+        if self._new_keys:
+            self._keys.update(self._new_keys)
+            self._new_keys.clear()
+        return self._keys
 
     def _prune(self, cutoff: int) -> None:
         tomb_log = self._tomb_log
@@ -174,7 +191,7 @@ class MemoryView(View):
         with self._lock:
             data = self._data
             best = 0
-            for k in self._keys.irange(start, end, inclusive=(True, False)):
+            for k in self._sorted_keys().irange(start, end, inclusive=(True, False)):
                 version = data[k][1]
                 if version > best:
                     best = version
@@ -188,7 +205,7 @@ class MemoryView(View):
         """Every ``(key, value)`` in key order."""
         with self._lock:
             data = self._data
-            return [(k, data[k][0]) for k in self._keys]
+            return [(k, data[k][0]) for k in self._sorted_keys()]
 
     def __len__(self) -> int:
         with self._lock:
@@ -207,5 +224,5 @@ class MemoryView(View):
             raise UsageError(f"limit must be >= 0, not {limit}")
         if end is not None and end <= start:
             return []
-        keys: Iterable[str] = self._keys.irange(start, end, inclusive=(True, False))
+        keys: Iterable[str] = self._sorted_keys().irange(start, end, inclusive=(True, False))
         return keys if limit is None else islice(keys, limit)
