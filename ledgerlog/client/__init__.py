@@ -170,13 +170,11 @@ class Tx:
         w = self._writes.get(key)
         if w is not None:
             return w[2] if w[0] == OP_PUT else default
-        got, version = self._view.snapshot_read(lambda v: (v.get_versioned(key), v.version(key)))
-        if got is not None:
-            version = got[1]
+        present, value, version = self._view.lookup(key)
         if version > self.read_version:
             raise self._conflict(key, version)
         self._reads[key] = None
-        return got[0] if got is not None else default
+        return value if present else default
 
     def __getitem__(self, key: str) -> Any:
         value = self.get(key, _MISSING)

@@ -91,14 +91,16 @@ class MemoryView(View):
                             n += 1
                             new_key(key)
                     else:
+                        # The tombstone first: a lock-free lookup (see lookup) must never
+                        # see the key gone without the delete's seq.
+                        tombs[key] = seq
+                        tomb_append((seq, key))
                         if key in data:
                             del data[key]
                             n -= 1
                             if new_keys:
                                 self._sorted_keys()
                             self._keys.remove(key)
-                        tombs[key] = seq
-                        tomb_append((seq, key))
             self._checkpoint = carry_snapshot(self._checkpoint, checkpoint)
             self._next_seq = checkpoint.next_seq
             self._prune(checkpoint.next_seq - 1 - self.window)
@@ -144,6 +146,21 @@ class MemoryView(View):
         """``(value, version)``, or None if the key is absent."""
         with self._lock:
             return self._data.get(key)
+
+    def lookup(self, key: str) -> tuple[bool, Any, int]:
+        """``(present, value, version)``: a present key's value and version, or for an
+        absent one ``(False, None, seq of its delete or 0)``; without taking the lock, for
+        the client's read path.
+
+        Safe without the lock because each key's entry is replaced whole (one dict store
+        of an immutable tuple) and versions only grow: a reader that checks the version
+        against its read_version either sees the value as of that read_version or a
+        version above it (and aborts). See :class:`ledgerlog.client.Tx`.
+        """
+        entry = self._data.get(key)
+        if entry is not None:
+            return True, entry[0], entry[1]
+        return False, None, self._tombs.get(key, 0)
 
     def version(self, key: str) -> int:
         """Seq of the key's last put or delete; 0 if never written, or if it was deleted
