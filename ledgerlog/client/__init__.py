@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import itertools
 import os
 import random
@@ -25,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 import structlog
 
@@ -108,18 +109,19 @@ def open_backend(target: str | os.PathLike[str] | Backend, **options: Any) -> Ba
         path = text[len("file://") :] if text.startswith("file://") else text
         return FileBackend(path, **options)
     scheme = text.split("://", 1)[0]
-    if scheme in ("pulsar", "pulsar+ssl"):
+    backends = {
+        "pulsar": ("pulsar", "PulsarBackend", "Pulsar"),
+        "pulsar+ssl": ("pulsar", "PulsarBackend", "Pulsar"),
+        "bookkeeper": ("bookkeeper", "BookKeeperBackend", "BookKeeper"),
+    }
+    if scheme in backends:
+        module_name, class_name, label = backends[scheme]
+        # Imported on demand: each needs its own optional dependency (pip extras).
         try:
-            from ledgerlog.backends.pulsar import PulsarBackend
+            module = importlib.import_module(f"ledgerlog.backends.{module_name}")
         except ImportError as exc:
-            raise ConfigError(f"the Pulsar backend is not available here: {exc}") from exc
-        return PulsarBackend.from_url(text, **options)
-    if scheme == "bookkeeper":
-        try:
-            from ledgerlog.backends.bookkeeper import BookKeeperBackend
-        except ImportError as exc:
-            raise ConfigError(f"the BookKeeper backend is not available here: {exc}") from exc
-        return BookKeeperBackend.from_url(text, **options)
+            raise ConfigError(f"the {label} backend is not available here: {exc}") from exc
+        return cast(Backend, getattr(module, class_name).from_url(text, **options))
     raise ConfigError(f"unknown ledger URL scheme {scheme!r} in {text!r}")
 
 
