@@ -32,8 +32,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("LEDGERLOG_REQUIRE_INTEGRATION") != "1":
         return
     selected = session.config.getoption("keyword") or session.config.getoption("markexpr")
-    if selected:
-        return  # a filtered run (-k/-m) is a developer's choice, not the suite
+    named = [a for a in session.config.invocation_params.args if not str(a).startswith("-")]
+    if selected or named:
+        return  # a filtered run (-k/-m, or chosen paths) is a choice, not the suite
     problems = []
     if _integration_ran == 0:
         problems.append("no integration test ran")
