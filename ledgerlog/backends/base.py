@@ -10,12 +10,35 @@ decisions lives above it (writer, validator, reader), so a new backend only has 
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
 from ledgerlog.model import Position
+
+
+class Backoff:
+    """Polling delay for tailing: starts short (latency) and doubles up to `longest`
+    while nothing arrives (CPU). Backends that cannot block on new data use it."""
+
+    def __init__(self, shortest: float = 0.0005, longest: float = 0.005) -> None:
+        self.shortest = shortest
+        self.longest = longest
+        self.delay = shortest
+
+    def reset(self) -> None:
+        self.delay = self.shortest
+
+    def sleep(self, deadline: float) -> bool:
+        """Sleep a little; False once the (monotonic) deadline has passed."""
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        time.sleep(min(self.delay, deadline - now))
+        self.delay = min(self.delay * 2, self.longest)
+        return True
 
 
 @attrs.frozen

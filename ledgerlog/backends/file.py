@@ -54,6 +54,7 @@ import structlog
 from ledgerlog.backends import _frames as fr
 from ledgerlog.backends.base import (
     Backend,
+    Backoff,
     Entry,
     IntakeConsumer,
     IntakeItem,
@@ -100,25 +101,6 @@ def check_client_id(client_id: str) -> str:
             f"client id {client_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
         )
     return client_id
-
-
-class _Backoff:
-    """Polling delay that starts short (latency) and grows while idle (CPU)."""
-
-    def __init__(self) -> None:
-        self.delay = _POLL_MIN
-
-    def reset(self) -> None:
-        self.delay = _POLL_MIN
-
-    def sleep(self, deadline: float) -> bool:
-        """Sleep a little; False once the deadline has passed."""
-        now = time.monotonic()
-        if now >= deadline:
-            return False
-        time.sleep(min(self.delay, deadline - now))
-        self.delay = min(self.delay * 2, _POLL_MAX)
-        return True
 
 
 class FileBackend(Backend):
@@ -295,7 +277,7 @@ class FileLogReader(LogReader):
         if self._closed:
             raise ClosedError("reader is closed")
         deadline = time.monotonic() + timeout
-        backoff = _Backoff()
+        backoff = Backoff(_POLL_MIN, _POLL_MAX)
         while True:
             out = self._cursor.read(max_entries)
             if out or not backoff.sleep(deadline):
@@ -778,7 +760,7 @@ class FileIntakeConsumer(IntakeConsumer):
 
     def poll(self, max_items: int = 1024, timeout: float = 0.0) -> list[IntakeItem]:
         deadline = time.monotonic() + timeout
-        backoff = _Backoff()
+        backoff = Backoff(_POLL_MIN, _POLL_MAX)
         while True:
             if time.monotonic() - self._last_scan > self._RESCAN_S:
                 self._scan()
