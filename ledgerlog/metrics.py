@@ -29,8 +29,7 @@ APPLIED_SEQ = Gauge(
 )
 LAG = Gauge(
     "ledgerlog_reader_lag_seqs",
-    "Seqs the reader has fetched from the ledger but not yet applied, or the writer's "
-    "next seq minus the reader's when both run in this process",
+    "Seqs in the ledger the reader has not validated yet (computed at scrape time)",
     ["ledger", "reader"],
 )
 COMMIT_LATENCY = Histogram(

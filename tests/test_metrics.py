@@ -60,3 +60,28 @@ def test_http_endpoint_serves_metrics() -> None:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     assert b"ledgerlog_commit_latency_seconds" in body
     assert b"ledgerlog_reader_applied_seq" in body
+
+
+@pytest.mark.timeout(60)
+def test_reader_lag_counts_seqs_not_yet_validated(tmp_path: Path) -> None:
+    from ledgerlog.backends.file import FileBackend
+
+    with ledgerlog.open(tmp_path / "lag", client_id="lag-writer") as db:
+        db.wait_writer()
+        for i in range(25):
+            with db.transaction() as tx:
+                tx.put(f"k{i}", i)
+        db.sync()
+        backend = FileBackend(tmp_path / "lag")
+        reader = ledgerlog.Reader(backend, name="lagging")
+        try:
+            assert reader.lag() == 25
+            reader.poll(max_entries=6)  # the epoch start and 5 records of one txn each
+            assert reader.lag() == 20
+            gauge = _value("ledgerlog_reader_lag_seqs", ledger="lag", reader="lagging")
+            assert gauge == 20
+            reader.catch_up(timeout=10)
+            assert reader.lag() == 0
+        finally:
+            reader.close()
+            backend.close()

@@ -28,6 +28,7 @@ from ledgerlog.validator import (
     C_COMMITTED,
     DEFAULT_WINDOW,
     EntryResult,
+    SequencerState,
     ValidatorState,
     process_entry,
     to_decision,
@@ -100,6 +101,8 @@ class Reader:
         self._m_rejected = metrics.REJECTED_ENTRIES.labels(backend.ledger, name)
         self._m_malformed = metrics.MALFORMED_ENTRIES.labels(backend.ledger, name)
         self._m_applied = metrics.APPLIED_SEQ.labels(backend.ledger, name)
+        # Computed when scraped, not on the hot path: it has to look at the ledger's end.
+        metrics.LAG.labels(backend.ledger, name).set_function(self._lag_or_zero)
         self._log.info("reader started", position=str(start), next_seq=self.state.next_seq)
 
     def _restore(
@@ -241,6 +244,34 @@ class Reader:
                 self._m_aborts[code].inc(n)
         for fn in self._subscribers:
             fn(results)
+
+    def lag(self, max_entries: int = 100_000) -> int:
+        """Seqs appended to the ledger but not yet validated here (0 when caught up).
+
+        Reads the entry headers between this reader's position and the ledger's end (at
+        most `max_entries` of them, so the figure is a lower bound when far behind).
+        """
+        end = self.backend.end()
+        position = self._position
+        probe = SequencerState(self.state.epoch, self.state.next_seq)
+        with self.backend.reader(position) as r:
+            seen = 0
+            while seen < max_entries and not r.caught_up(end):
+                entries = r.read(min(4096, max_entries - seen), timeout=0.0)
+                if not entries:
+                    break
+                for e in entries:
+                    probe.advance(e.data)
+                seen += len(entries)
+        return max(0, probe.next_seq - self.state.next_seq)
+
+    def _lag_or_zero(self) -> float:
+        if self._closed:
+            return 0.0
+        try:
+            return float(self.lag())
+        except Exception:  # a scrape must not fail because the ledger is unreachable
+            return float("nan")
 
     # Waiting --------------------------------------------------------------------------
 
