@@ -106,8 +106,12 @@ def main(n: int = 300_000) -> dict[str, float]:
             f"validator, 4 reads + 2 writes, {label:<18}: {rate:>10,.0f} txn/s "
             f"[{IMPLEMENTATION}] (CPU time: {cpu_rate:,.0f}/s; decode-only baseline "
             f"{base:>10,.0f} txn/s, ratio {rate / base:.2f}; "
-            f"target {TARGET:,}: {'met' if rate >= TARGET or ranges else 'NOT met'}; "
-            f"state {size:,} entries for window 100,000)"
+            + (
+                "no target for range reads; "
+                if ranges
+                else f"target {TARGET:,}: {'met' if rate >= TARGET else 'NOT met'}; "
+            )
+            + f"state {size:,} entries for window 100,000)"
         )
         for impl in others:
             rate, cpu_rate, size = run_validator(recs, 100_000, impl)
