@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from bench import embedded_bench, validator_bench
+from bench import bookkeeper_bench, embedded_bench, pulsar_bench, validator_bench
 
 parser = argparse.ArgumentParser(prog="python -m bench")
 parser.add_argument("--quick", action="store_true", help="shorter runs (rougher figures)")
-parser.add_argument("--only", choices=["validator", "embedded"], default=None)
+parser.add_argument("--only", choices=["validator", "embedded", "pulsar", "bookkeeper"], default=None)
 args = parser.parse_args()
 
 if args.only in (None, "validator"):
     validator_bench.main(100_000 if args.quick else 300_000)
 if args.only in (None, "embedded"):
     embedded_bench.main(seconds=4.0 if args.quick else 10.0)
+if args.only in (None, "pulsar"):
+    pulsar_bench.main(seconds=4.0 if args.quick else 10.0)
+if args.only in (None, "bookkeeper"):
+    bookkeeper_bench.main(seconds=4.0 if args.quick else 8.0)

@@ -1,14 +1,16 @@
-"""The backend conformance suite on a real Pulsar broker (one per session)."""
+"""The backend conformance suite on a real Pulsar broker, once per variant of the
+``pulsar_target`` fixture (integration/conftest.py): the local JVM standalone, the official
+container through testcontainers, an external cluster (the last two skip when absent)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from ledgerlog.backends.base import Backend
-from ledgerlog.devservers.pulsar import LocalPulsar
 from ledgerlog.testing.conformance import *  # noqa: F403
 from ledgerlog.testing.conformance import Harness
 
@@ -24,17 +26,16 @@ class PulsarHarness(Harness):
     # Lease expiry plus the broker's one-second failover delay, with room for a busy box.
     takeover_timeout = 30.0
 
-    def __init__(self, broker: LocalPulsar) -> None:
-        self.broker = broker
+    def __init__(self, target: Any) -> None:
+        self.target = target
         self._opened: list[PulsarBackend] = []
 
     def new_ledger(self) -> str:
         return f"conf-{uuid.uuid4().hex[:12]}"
 
     def open(self, ledger: str) -> Backend:
-        backend = PulsarBackend(
-            self.broker.service_url,
-            ledger,
+        backend = PulsarBackend.from_url(
+            self.target.url(ledger),
             lease_timeout=LEASE_TIMEOUT,
             operation_timeout=15,
             append_timeout=30,
@@ -57,7 +58,7 @@ class PulsarHarness(Harness):
 
 
 @pytest.fixture
-def harness(local_pulsar: LocalPulsar) -> Iterator[Harness]:
-    h = PulsarHarness(local_pulsar)
+def harness(pulsar_target: Any) -> Iterator[Harness]:
+    h = PulsarHarness(pulsar_target)
     yield h
     h.close()

@@ -5,7 +5,8 @@ What is checked, beyond the conformance suite:
 - positions: a reader started where no entry exists yet, or across a BookKeeper ledger
   rollover (forced with the admin API's topic unload), resumes exactly;
 - bank transfers through ``ledgerlog.open("pulsar://...")`` clients (``writer="auto"``):
-  money is conserved and every replica reaches the same digest;
+  money is conserved and every replica reaches the same digest (on every variant of
+  ``pulsar_target``; the fault tests below need the local broker's process);
 - kill -9 of the process holding the elected writer mid-stream: a standby takes over and
   every transaction a client saw committed is in the ledger exactly once;
 - a restart of the Pulsar process mid-stream: clients and readers resume, nothing lost or
@@ -362,6 +363,13 @@ def url(local_pulsar: Any) -> str:
 
 
 @pytest.fixture
+def any_url(pulsar_target: Any) -> str:
+    """A fresh ledger on each variant of ``pulsar_target`` (local JVM, testcontainers,
+    external); the URL carries the variant's token and TLS options."""
+    return pulsar_target.url(f"bank-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
 def children(tmp_path: Path) -> Iterator[list[Child]]:
     made: list[Child] = []
     yield made
@@ -477,7 +485,8 @@ def test_end_is_one_cheap_round_trip(local_pulsar: Any) -> None:
 # -- end to end -----------------------------------------------------------------------------
 
 
-def test_transfers_conserve_money_and_replicas_agree(url: str) -> None:
+def test_transfers_conserve_money_and_replicas_agree(any_url: str) -> None:
+    url = any_url
     clients = [
         ledgerlog.open(url, client_id=f"bank{i}", writer="auto", timeout=20, lease_timeout=LEASE)
         for i in range(3)

@@ -75,6 +75,7 @@ from ledgerlog.writer import Writer
 
 __version__ = "0.1.0"
 
+
 # A library should not print its info logs unless the application asks: if nobody has
 # configured structlog yet, keep ledgerlog's events at WARNING and above, on stderr.
 class _CurrentStderr:

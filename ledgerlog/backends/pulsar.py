@@ -326,6 +326,10 @@ class PulsarBackend(Backend):
         self.lease_topic = f"non-persistent://{tenant}/{namespace}/{ledger}-lease"
         self.url = f"{self.service_url}/{tenant}/{namespace}/{ledger}"
         self._log = log.bind(ledger=ledger, url=self.url)
+        if auth_token is not None and (not isinstance(auth_token, str) or not auth_token.strip()):
+            raise ConfigError("auth_token (?token=...) must be a non-empty string when given")
+        #: Whether the client authenticates with a token (the token itself is not kept).
+        self.has_auth_token = auth_token is not None
         tls = service_url.startswith("pulsar+ssl://") if use_tls is None else use_tls
         self._client_options: dict[str, Any] = {
             "authentication": pulsar.AuthenticationToken(auth_token) if auth_token else None,
@@ -415,7 +419,7 @@ class PulsarBackend(Backend):
                 consumer = self._end_consumer
             last = consumer.get_last_message_id()
         except PulsarException as exc:
-            raise BackendError(f"end of {self.topic}: {exc}") from exc
+            raise _broker_error(self, f"end of {self.topic}", exc) from exc
         ledger_id, entry_id, _ = _ids(last)
         if ledger_id < 0:
             return START
@@ -564,6 +568,29 @@ def _ignore_result(_result: Any, _msg_id: Any) -> None:
     """A send callback that must not raise (an exception there aborts the process)."""
 
 
+#: What the C++ client raises when the broker refuses a connection (a missing or bad
+#: token makes the broker drop the CONNECT, which the client retries until it times out).
+_UNREACHABLE_ERRORS: Final = (
+    pulsar.Timeout,
+    pulsar.ConnectError,
+    pulsar.AuthenticationError,
+    pulsar.AuthorizationError,
+)
+
+
+def _broker_error(backend: PulsarBackend, what: str, exc: Exception) -> BackendError:
+    """A BackendError for `exc`; says so plainly when the broker refused the connection or
+    never answered (the usual face of a missing or rejected token)."""
+    if not isinstance(exc, _UNREACHABLE_ERRORS):
+        return BackendError(f"{what}: {exc}")
+    token = "a token was given" if backend.has_auth_token else "no token was given (?token=...)"
+    return BackendError(
+        f"{what}: {exc}: the broker at {backend.service_url} refused the connection or did "
+        f"not answer within {backend.operation_timeout:g}s - authentication refused or "
+        f"broker unreachable ({token})"
+    )
+
+
 # -- the lease -----------------------------------------------------------------------------
 
 
@@ -653,7 +680,7 @@ class PulsarLogReader(LogReader):
                 receiver_queue_size=_RECEIVER_QUEUE,
             )
         except PulsarException as exc:
-            raise BackendError(f"reader on {backend.topic} at {start}: {exc}") from exc
+            raise _broker_error(backend, f"reader on {backend.topic} at {start}", exc) from exc
 
     @property
     def position(self) -> Position:
@@ -922,7 +949,7 @@ class PulsarIntakeProducer(IntakeProducer):
                 properties={"ledgerlog-client": client_id},
             )
         except PulsarException as exc:
-            raise BackendError(f"intake producer on {backend.intake_topic}: {exc}") from exc
+            raise _broker_error(backend, f"intake producer on {backend.intake_topic}", exc) from exc
 
     def submit(self, data: bytes, timeout: float | None = None) -> None:
         if self._closed:

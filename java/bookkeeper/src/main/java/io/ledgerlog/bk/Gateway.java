@@ -308,6 +308,45 @@ public final class Gateway {
     }
 
     /**
+     * {@link #readEntries} over many handles in one call (an intake polls every client's
+     * ledger at once). {@code requests} is {@code [8-byte handle id][8-byte first entry id]...};
+     * each handle gets at most {@code maxCountEach} entries and the call about
+     * {@code maxBytes} of payload in all. Returns
+     * {@code [8-byte handle id][8-byte entry id][4-byte length][bytes]...}. A handle that
+     * fails is skipped (logged by the client library); the others are still read.
+     */
+    public byte[] readEntriesMulti(byte[] requests, int maxCountEach, int maxBytes)
+            throws Exception {
+        ByteBuffer req = ByteBuffer.wrap(requests);
+        ByteArrayOutputStream bytes = new ByteArrayOutputStream();
+        DataOutputStream out = new DataOutputStream(bytes);
+        int budget = maxBytes;
+        while (req.remaining() >= 16 && budget > 0) {
+            long handleId = req.getLong();
+            long first = req.getLong();
+            byte[] got;
+            try {
+                got = readEntries(handleId, first, maxCountEach, budget);
+            } catch (BkCallException | IllegalArgumentException e) {
+                continue;
+            }
+            ByteBuffer g = ByteBuffer.wrap(got);
+            while (g.remaining() >= 12) {
+                long entryId = g.getLong();
+                int len = g.getInt();
+                out.writeLong(handleId);
+                out.writeLong(entryId);
+                out.writeInt(len);
+                out.write(got, g.position(), len);
+                g.position(g.position() + len);
+                budget -= len;
+            }
+        }
+        out.flush();
+        return bytes.toByteArray();
+    }
+
+    /**
      * The last-add-confirmed of a handle. For an open ledger read without recovery it is
      * asked of the bookies (it trails the writer's by about one entry unless the writer sends
      * explicit LACs, client setting explicitLacInterval).
@@ -433,6 +472,50 @@ public final class Gateway {
         } catch (KeeperException.NoNodeException | KeeperException.BadVersionException e) {
             return false;
         }
+    }
+
+    /**
+     * A node's data version and data in one piece: {@code [4-byte version][data]}, or null if
+     * the node does not exist (a compare-and-set needs both from the same read).
+     */
+    public byte[] zkGetStat(String path) throws Exception {
+        Stat stat = new Stat();
+        byte[] data;
+        try {
+            data = session().getData(path, false, stat);
+        } catch (KeeperException.NoNodeException e) {
+            return null;
+        }
+        if (data == null) {
+            data = new byte[0];
+        }
+        ByteBuffer out = ByteBuffer.allocate(4 + data.length);
+        out.putInt(stat.getVersion());
+        out.put(data);
+        return out.array();
+    }
+
+    /**
+     * Creates a node unless it exists (parents must exist). Returns true if this call created
+     * it. Ephemeral nodes belong to this gateway's ZooKeeper session.
+     */
+    public boolean zkTryCreate(String path, byte[] data, boolean ephemeral) throws Exception {
+        try {
+            session().create(path, data, ZooDefs.Ids.OPEN_ACL_UNSAFE,
+                    ephemeral ? CreateMode.EPHEMERAL : CreateMode.PERSISTENT);
+            return true;
+        } catch (KeeperException.NodeExistsException e) {
+            return false;
+        }
+    }
+
+    /**
+     * Reads every entry of a ledger from {@code firstEntryId} up to its last-add-confirmed in
+     * one call (for a writer's takeover scan of a recovered, closed ledger); same format as
+     * {@link #readEntries}. Bounded by {@code maxBytes} of payload like readEntries.
+     */
+    public byte[] readAll(long handleId, long firstEntryId, int maxBytes) throws Exception {
+        return readEntries(handleId, firstEntryId, Integer.MAX_VALUE - 1, maxBytes);
     }
 
     /** The ZooKeeper session id (ephemeral nodes belong to it), in hex. */

@@ -1,0 +1,403 @@
+"""Pulsar end-to-end: committed transactions/s and commit latency on a local broker.
+
+One run, one broker (:class:`ledgerlog.devservers.pulsar.LocalPulsar`, a real Pulsar
+standalone JVM, journal fsync on):
+
+1. baseline: raw ``pulsar-client``: one process produces messages of the size of one
+   ledgerlog transaction (``send_async``, batching on) while another reads them; the rate
+   is messages read per second, from the start signal to the last message read;
+2. ledgerlog peak: a ``ledgerlog writer pulsar://...`` process and client processes that
+   pipeline transfers (read two balances, write two) with ``Client.submit_many``; a
+   transfer counts once its commit decision is seen on the client's own replica (a
+   reader that validated it like every other);
+3. ledgerlog paced at about half the peak: each client submits on a fixed schedule (the
+   transactions due every few milliseconds as one ``submit_many``), and a transaction's
+   commit latency runs from its scheduled submit time to its decision being seen.
+
+Targets: ledgerlog committed transactions/s at least the raw per-message rate, and
+commit p99 under 50 ms at half load.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+ACCOUNTS = 100_000
+P99_TARGET_MS = 50.0
+PACE_TICK = 0.005
+
+
+def _acct(i: int) -> str:
+    return f"acct:{i:06d}"
+
+
+def _quiet() -> None:
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    logging.getLogger("ledgerlog.pulsar.client").setLevel(logging.ERROR)
+
+
+def _pulsar_logger() -> logging.Logger:
+    logger = logging.getLogger("bench.pulsar-client")
+    logger.setLevel(logging.ERROR)
+    return logger
+
+
+def _transfer(db: Any, rnd: random.Random) -> Any:
+    tx = db.transaction()
+    a, b = rnd.sample(range(ACCOUNTS), 2)
+    x = tx.get(_acct(a), 0)
+    y = tx.get(_acct(b), 0)
+    amount = rnd.randint(1, 10)
+    tx.put(_acct(a), x - amount)
+    tx.put(_acct(b), y + amount)
+    return tx
+
+
+# -- raw pulsar-client ------------------------------------------------------------------------
+
+
+def _raw_producer(url: str, topic: str, size: int, seconds: float, go: Any, q: Any) -> None:
+    import pulsar
+
+    client = pulsar.Client(url, operation_timeout_seconds=30, logger=_pulsar_logger())
+    producer = client.create_producer(
+        topic,
+        batching_enabled=True,
+        batching_max_publish_delay_ms=1,
+        batching_max_messages=1000,
+        max_pending_messages=20_000,
+        block_if_queue_full=True,
+    )
+    payload = random.Random(0).randbytes(size)
+    acked = [0]
+
+    def on_ack(result: Any, _msg_id: Any) -> None:
+        if result == pulsar.Result.Ok:
+            acked[0] += 1
+
+    q.put(("ready", 0))
+    go.wait()
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(100):
+            producer.send_async(payload, on_ack)
+        sent += 100
+    producer.flush()
+    q.put(("sent", sent))
+    producer.close()
+    client.close()
+
+
+def _raw_reader(url: str, topic: str, seconds: float, go: Any, q: Any, total: Any) -> None:
+    import pulsar
+
+    client = pulsar.Client(url, operation_timeout_seconds=30, logger=_pulsar_logger())
+    reader = client.create_reader(topic, pulsar.MessageId.earliest, receiver_queue_size=5000)
+    q.put(("ready", 0))
+    go.wait()
+    started = time.perf_counter()
+    got = 0
+    last = started
+    hard_stop = time.monotonic() + seconds + 60
+    while time.monotonic() < hard_stop:
+        want = total.value
+        if want and got >= want:
+            break
+        try:
+            reader.read_next(200)
+        except pulsar.Timeout:
+            continue
+        got += 1
+        last = time.perf_counter()
+    q.put(("read", (got, last - started)))
+    reader.close()
+    client.close()
+
+
+def _get(q: Any, procs: list[Any], timeout: float) -> Any:
+    """The next result from `q`; fails fast when a child process died instead."""
+    import queue
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a benchmark process exited ({dead[0].exitcode})") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no benchmark result in {timeout}s") from None
+
+
+def send_latency(url: str, size: int, count: int = 300) -> tuple[float, float]:
+    """p50/p99 ms of one synchronous send at a time (no batching): the broker's
+    persist-and-acknowledge round trip, what one ledgerlog commit needs twice (the
+    client's intake publish, the writer's append) plus the replica's read."""
+    import pulsar
+
+    client = pulsar.Client(url, operation_timeout_seconds=30, logger=_pulsar_logger())
+    try:
+        producer = client.create_producer(
+            f"persistent://public/default/lat-{uuid.uuid4().hex[:10]}", batching_enabled=False
+        )
+        payload = bytes(size)
+        for _ in range(20):
+            producer.send(payload)
+        times = []
+        for _ in range(count):
+            t = time.perf_counter()
+            producer.send(payload)
+            times.append(time.perf_counter() - t)
+        producer.close()
+    finally:
+        client.close()
+    times.sort()
+    return 1000 * _pct(times, 0.5), 1000 * _pct(times, 0.99)
+
+
+def run_raw(url: str, size: int, seconds: float) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    q, go, total = ctx.Queue(), ctx.Event(), ctx.Value("q", 0)
+    topic = f"persistent://public/default/raw-{uuid.uuid4().hex[:10]}"
+    procs = [
+        ctx.Process(target=_raw_reader, args=(url, topic, seconds, go, q, total), daemon=True),
+        ctx.Process(target=_raw_producer, args=(url, topic, size, seconds, go, q), daemon=True),
+    ]
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            assert _get(q, procs, 120)[0] == "ready"
+        go.set()
+        out: dict[str, Any] = {}
+        for _ in procs:
+            kind, value = _get(q, procs, seconds + 120)
+            out[kind] = value
+            if kind == "sent":
+                total.value = value
+        got, elapsed = out["read"]
+        for p in procs:
+            p.join(30)
+        return {
+            "per_s": got / elapsed if elapsed > 0 else 0.0,
+            "sent": out["sent"],
+            "read": got,
+            "size": size,
+        }
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+
+# -- ledgerlog --------------------------------------------------------------------------------
+
+
+def _ledger_client(
+    url: str, idx: int, mode: str, arg: float, seconds: float, go: Any, q: Any
+) -> None:
+    _quiet()
+    import ledgerlog
+
+    db = ledgerlog.open(url, writer=None, client_id=f"bench-{mode}-{idx}", timeout=60)
+    db.sync(120)
+    rnd = random.Random(idx * 7919 + (mode == "paced"))
+    q.put(("ready", 0))
+    go.wait()
+    run = _peak if mode == "peak" else _paced
+    result = run(db, rnd, arg, seconds)
+    q.put(("done", result))
+    db.close()
+
+
+def _peak(db: Any, rnd: random.Random, batch: float, seconds: float) -> dict[str, Any]:
+    import ledgerlog
+
+    committed = aborted = 0
+    sizes: list[int] = []
+    pending: list[list[Any]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline or pending:
+        if time.monotonic() < deadline and len(pending) < 2:
+            txs = []
+            for _ in range(int(batch)):
+                try:
+                    txs.append(_transfer(db, rnd))
+                except ledgerlog.ConflictError:
+                    aborted += 1
+            if not sizes:
+                sizes = [len(tx.encode()) for tx in txs[:64]]
+            pending.append(db.submit_many(txs))
+            continue
+        for f in pending.pop(0):
+            if f.result(60).committed:
+                committed += 1
+            else:
+                aborted += 1
+    return {"committed": committed, "aborted": aborted, "tx_size": statistics.mean(sizes)}
+
+
+def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str, Any]:
+    import ledgerlog
+
+    latencies: list[float] = []
+    futs: list[Any] = []
+    aborted = 0
+    warmup = 1.0
+    t0 = time.perf_counter()
+    submitted = 0
+    while True:
+        now = time.perf_counter()
+        if now - t0 >= seconds:
+            break
+        due = int((now - t0) * rate) - submitted
+        if due > 0:
+            txs, scheduled = [], []
+            for i in range(due):
+                try:
+                    txs.append(_transfer(db, rnd))
+                    scheduled.append(t0 + (submitted + i) / rate)
+                except ledgerlog.ConflictError:
+                    aborted += 1
+            submitted += due
+            for f, at in zip(db.submit_many(txs), scheduled, strict=True):
+                if at - t0 >= warmup:
+
+                    def record(_f: Any, at: float = at) -> None:
+                        latencies.append(time.perf_counter() - at)
+
+                    f.add_done_callback(record)
+                futs.append(f)
+        time.sleep(max(0.0, PACE_TICK - (time.perf_counter() - now)))
+    committed = 0
+    for f in futs:
+        if f.result(60).committed:
+            committed += 1
+        else:
+            aborted += 1
+    return {"committed": committed, "aborted": aborted, "latencies": latencies}
+
+
+def _run_clients(
+    url: str, clients: int, mode: str, arg: float, seconds: float
+) -> tuple[list[dict[str, Any]], float]:
+    ctx = mp.get_context("spawn")
+    q, go = ctx.Queue(), ctx.Event()
+    procs = [
+        ctx.Process(target=_ledger_client, args=(url, i, mode, arg, seconds, go, q), daemon=True)
+        for i in range(clients)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            assert _get(q, procs, 180)[0] == "ready"
+        started = time.monotonic()
+        go.set()
+        results = [_get(q, procs, seconds + 180)[1] for _ in procs]
+        elapsed = time.monotonic() - started
+        for p in procs:
+            p.join(60)
+        return results, elapsed
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def main(clients: int = 2, seconds: float = 10.0, batch: int = 256) -> dict[str, Any]:
+    _quiet()
+    import ledgerlog
+    from ledgerlog.devservers.pulsar import LocalPulsar
+
+    started = time.monotonic()
+    with LocalPulsar() as broker:
+        url = f"{broker.service_url}/public/default/bench-{uuid.uuid4().hex[:10]}"
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "ledgerlog", "writer", url, "--writer-id", "bench-writer"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            db = ledgerlog.open(url, writer=None, client_id="bench-init", timeout=60)
+            try:
+                db.wait_writer(120)
+            finally:
+                db.close()
+            run_raw(broker.service_url, 200, 2.0)  # warm the broker's JIT for every phase
+            peak, peak_elapsed = _run_clients(url, clients, "peak", batch, seconds)
+            size = round(statistics.mean(r["tx_size"] for r in peak))
+            raw = run_raw(broker.service_url, size, seconds)
+            send_p50, send_p99 = send_latency(broker.service_url, size)
+            committed = sum(r["committed"] for r in peak)
+            ll_rate = committed / seconds
+            target_rate = ll_rate / 2
+            paced, _ = _run_clients(url, clients, "paced", target_rate / clients, seconds)
+        finally:
+            writer.terminate()
+            try:
+                writer.wait(30)
+            except subprocess.TimeoutExpired:
+                writer.kill()
+                writer.wait(30)
+    lat = sorted(x for r in paced for x in r["latencies"])
+    paced_rate = sum(r["committed"] for r in paced) / seconds
+    p50, p99 = 1000 * _pct(lat, 0.50), 1000 * _pct(lat, 0.99)
+    ratio = ll_rate / raw["per_s"] if raw["per_s"] else 0.0
+    aborted = sum(r["aborted"] for r in peak)
+    print(
+        f"baseline raw pulsar-client, 1 producer (async, batching on) + 1 reader process, "
+        f"{size} B messages: {raw['per_s']:>9,.0f} msg/s produced and read "
+        f"({raw['read']:,} read)"
+    )
+    print(
+        f"reference raw pulsar-client, one synchronous send at a time: "
+        f"p50 {send_p50:.1f} ms, p99 {send_p99:.1f} ms per persisted message"
+    )
+    print(
+        f"pulsar end-to-end, local standalone, {clients} client processes + 1 writer: "
+        f"{ll_rate:>9,.0f} committed txn/s ({committed:,} committed, {aborted:,} aborted; "
+        f"{size} B per transaction, submit_many of {batch}; "
+        f"{committed / peak_elapsed:,.0f}/s over the wall time)"
+    )
+    print(
+        f"pulsar commit latency at {paced_rate:,.0f} txn/s (~half of peak, paced): "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat):,} transactions measured)"
+    )
+    met = ratio >= 1.0 and p99 < P99_TARGET_MS
+    print(
+        f"ratio ledgerlog/raw: {ratio:.2f}; target ledgerlog >= raw per-message rate and "
+        f"p99 < {P99_TARGET_MS:.0f} ms: {'met' if met else 'NOT met'} "
+        f"(run took {time.monotonic() - started:.0f}s, "
+        f"broker start {broker.last_start_seconds or 0:.0f}s)"
+    )
+    return {
+        "raw": raw,
+        "send_ms": {"p50": send_p50, "p99": send_p99},
+        "ledgerlog": {"committed_per_s": ll_rate, "committed": committed, "aborted": aborted},
+        "paced": {"committed_per_s": paced_rate, "p50_ms": p50, "p99_ms": p99},
+        "ratio": ratio,
+        "met": met,
+    }
+
+
+if __name__ == "__main__":
+    main()
