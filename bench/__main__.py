@@ -8,7 +8,9 @@ from bench import bookkeeper_bench, embedded_bench, pulsar_bench, validator_benc
 
 parser = argparse.ArgumentParser(prog="python -m bench")
 parser.add_argument("--quick", action="store_true", help="shorter runs (rougher figures)")
-parser.add_argument("--only", choices=["validator", "embedded", "pulsar", "bookkeeper"], default=None)
+parser.add_argument(
+    "--only", choices=["validator", "embedded", "pulsar", "bookkeeper"], default=None
+)
 args = parser.parse_args()
 
 if args.only in (None, "validator"):
