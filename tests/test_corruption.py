@@ -125,6 +125,17 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"path": path, "res": res, "segs": segs, "frames": frames, "n": n}
 
 
+def _record_in_a_sealed_segment(pristine: dict[str, Any]) -> Any:
+    """A record entry in the middle of the first segment that holds records and is not
+    the chain's last (so it is sealed: more of the ledger follows it). Which segments
+    those are depends on the timing of the elections that built the ledger."""
+    entries = pristine["res"]["entries"]
+    with_records = sorted({e[0] for e in entries if e[4] == "record"})
+    assert len(with_records) >= 2, with_records
+    recs = [e for e in entries if e[4] == "record" and e[0] == with_records[0]]
+    return recs[len(recs) // 2]
+
+
 def _seg(path: Path, n: int) -> Path:
     return path / "segments" / f"{n:012d}.seg"
 
@@ -343,8 +354,7 @@ def test_plausible_but_wrong_frame_length_in_sealed_segment(
 ) -> None:
     """One corrupted length field (e.g. a flipped high bit: 16 MiB, within MAX_FRAME) in
     the middle of a sealed segment: readers must resynchronise, not wait forever."""
-    recs = [e for e in pristine["res"]["entries"] if e[4] == "record" and e[0] == 2]
-    e = recs[len(recs) // 2]
+    e = _record_in_a_sealed_segment(pristine)
     path = _copy(pristine, tmp_path)
     seg = _seg(path, e[0])
     data = bytearray(seg.read_bytes())
@@ -356,8 +366,7 @@ def test_plausible_but_wrong_frame_length_in_sealed_segment(
 
 @pytest.mark.timeout(60)
 def test_election_never_truncates_frames_behind_corruption(tmp_path: Path, pristine: Any) -> None:
-    recs = [e for e in pristine["res"]["entries"] if e[4] == "record" and e[0] == 2]
-    e = recs[len(recs) // 2]
+    e = _record_in_a_sealed_segment(pristine)
     path = _copy(pristine, tmp_path)
     seg = _seg(path, e[0])
     data = bytearray(seg.read_bytes())
