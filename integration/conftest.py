@@ -289,3 +289,18 @@ def local_bookkeeper() -> Iterator[object]:
 
     with LocalBookKeeper(3) as cluster:
         yield cluster
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+# (PostgreSQL view block: one LocalPostgres for the session, a server from the Debian
+# package's binaries on 127.0.0.1; tests isolate themselves with a database each.)
+
+
+@pytest.fixture(scope="session")
+def local_postgres() -> Iterator[object]:
+    """A LocalPostgres for the whole session, stopped (and its data removed) at its end.
+    Never skips: .ci/run installs the server package when it is missing."""
+    from ledgerlog.devservers.postgres import LocalPostgres
+
+    with LocalPostgres() as server:
+        yield server

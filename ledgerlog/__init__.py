@@ -70,7 +70,7 @@ from ledgerlog.model import (
 )
 from ledgerlog.reader import DivergenceError, Reader
 from ledgerlog.validator import DEFAULT_WINDOW, ValidatorState, validate
-from ledgerlog.views import HandlerView, MemoryView, SQLiteView, View
+from ledgerlog.views import HandlerView, MemoryView, PostgresView, SQLiteView, View
 from ledgerlog.writer import Writer
 
 __version__ = "0.1.0"
@@ -177,6 +177,7 @@ __all__ = [
     "NotElectedError",
     "Outcome",
     "Position",
+    "PostgresView",
     "Put",
     "Reader",
     "Record",
