@@ -68,7 +68,7 @@ from ledgerlog.model import (
     Transaction,
     TxnId,
 )
-from ledgerlog.reader import DivergenceError, Reader
+from ledgerlog.reader import ApplyError, DivergenceError, Reader
 from ledgerlog.validator import DEFAULT_WINDOW, ValidatorState, validate
 from ledgerlog.views import HandlerView, MemoryView, PostgresView, SQLiteView, View
 from ledgerlog.writer import Writer
@@ -153,6 +153,7 @@ async def aopen(target: str | os.PathLike[str] | Backend, **options: Any) -> Asy
 __all__ = [
     "DEFAULT_WINDOW",
     "AbortReason",
+    "ApplyError",
     "AsyncClient",
     "AsyncTx",
     "Backend",

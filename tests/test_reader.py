@@ -53,3 +53,42 @@ def test_reader_restarts_from_its_views_checkpoint(tmp_path: Path) -> None:
     assert view.get("k29") == 29 and len(view) == 30
     r.close()
     view.close()
+
+
+class _FailingView(ledgerlog.MemoryView):
+    """Applies normally until told to fail, like a database whose connection drops."""
+
+    fail = False
+
+    def apply(self, applied, checkpoint):  # type: ignore[no-untyped-def]
+        if self.fail:
+            raise ledgerlog.BackendError("connection to the view's database lost")
+        super().apply(applied, checkpoint)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_view_stops_the_reader_instead_of_skipping_a_batch(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    with ledgerlog.open(path, client_id="w") as db:
+        db.wait_writer()
+        for i in range(10):
+            with db.transaction() as tx:
+                tx.put(f"k{i}", i)
+        db.sync()
+    backend = FileBackend(path)
+    view = _FailingView()
+    r = ledgerlog.Reader(backend, [view], name="fragile")
+    try:
+        r.poll(max_entries=4)  # the epoch start and 3 records
+        assert view.applied_seq == 3
+        view.fail = True
+        with pytest.raises(ledgerlog.ApplyError, match="restart the reader"):
+            r.poll(max_entries=4)
+        view.fail = False
+        # It stays stopped: carrying on would skip the failed batch in the view.
+        with pytest.raises(ledgerlog.ApplyError):
+            r.poll()
+        assert view.applied_seq == 3
+    finally:
+        r.close()
+        backend.close()

@@ -35,11 +35,16 @@ from ledgerlog.validator import (
 )
 from ledgerlog.views.base import Checkpoint, View
 
-__all__ = ["DivergenceError", "Reader"]
+__all__ = ["ApplyError", "DivergenceError", "Reader"]
 
 log = structlog.get_logger(__name__)
 
 _REASON_NAMES: Final = ("committed", "conflict", "too_old", "duplicate", "malformed")
+
+
+class ApplyError(LedgerlogError):
+    """A view failed to apply a batch; the reader stopped. Nothing is lost: a new Reader
+    resumes from the checkpoints the views stored with their data."""
 
 
 class DivergenceError(LedgerlogError):
@@ -88,6 +93,7 @@ class Reader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self._failed: BaseException | None = None
         self._closed = False
 
         self.state, start, self._skip, self._expect = self._restore(window)
@@ -155,6 +161,8 @@ class Reader:
         """Read, validate and apply what is available (waiting up to `timeout`)."""
         if self._closed:
             raise ClosedError(f"reader {self.name} is closed")
+        if self._failed is not None:
+            raise ApplyError(f"reader {self.name} stopped after a view failed") from self._failed
         entries = self._log_reader.read(max_entries, timeout)
         if not entries:
             # The cursor may still have moved (past a seal, say): nothing to apply there.
@@ -182,7 +190,18 @@ class Reader:
                 self._log.info("new epoch", epoch=res.epoch, writer=res.writer_id)
         # Where the next read starts: past these entries, and past any seal after them.
         position = self._log_reader.position
-        self._apply(applied, position)
+        try:
+            self._apply(applied, position)
+        except Exception as exc:
+            # The validator state has moved past this batch but (some) views have not:
+            # going on would skip it in them. Stop for good; a new Reader resumes from
+            # the views' checkpoints.
+            self._failed = exc
+            raise ApplyError(
+                f"reader {self.name}: a view failed to apply seqs up to "
+                f"{self.state.next_seq - 1} ({exc}); restart the reader to resume from "
+                "the views' checkpoints"
+            ) from exc
         self._position = position
         self.entries_read += len(entries)
         self._notify(results, commits)
