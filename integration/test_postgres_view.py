@@ -32,7 +32,7 @@ from ledgerlog.backends.file import FileBackend
 from ledgerlog.codec import WireTxn, encode_intake, encode_transaction, transaction_to_wire
 from ledgerlog.errors import BackendError, ClosedError, ConfigError, UsageError
 from ledgerlog.model import START, Delete, Position, Put, Transaction, TxnId
-from ledgerlog.reader import Reader
+from ledgerlog.reader import ApplyError, Reader
 from ledgerlog.validator import ValidatorState
 from ledgerlog.views import Checkpoint, MemoryView
 from ledgerlog.views.postgres import PostgresView
@@ -550,8 +550,12 @@ def test_concurrent_readers_on_one_view_never_double_apply(pg_dsn: str, tmp_path
             t.join(90)
         refused = [e for e in errors if e is not None]
         # Both started at seq 1: at least one was refused at its first overlapping batch,
-        # with the typed error, and none failed in another way.
-        assert refused and all(isinstance(e, UsageError) for e in refused), errors
+        # with the typed error (the view's UsageError, which stops its reader), and none
+        # failed in another way.
+        assert refused, errors
+        assert all(
+            isinstance(e, ApplyError) and isinstance(e.__cause__, UsageError) for e in refused
+        ), errors
         winner = next(i for i in range(2) if errors[i] is None) if len(refused) < 2 else None
         if winner is None:  # both refused: a fresh reader finishes from the checkpoint
             b = FileBackend(feed.path, create=False, fsync=False)
