@@ -68,6 +68,7 @@ from ledgerlog.model import (
     Transaction,
     TxnId,
 )
+from ledgerlog.metrics import serve as serve_metrics
 from ledgerlog.reader import ApplyError, DivergenceError, Reader
 from ledgerlog.validator import DEFAULT_WINDOW, ValidatorState, validate
 from ledgerlog.views import HandlerView, MemoryView, PostgresView, SQLiteView, View
@@ -196,6 +197,7 @@ __all__ = [
     "aopen",
     "atransactional",
     "open",
+    "serve_metrics",
     "transactional",
     "validate",
 ]
