@@ -54,6 +54,7 @@ from ledgerlog.errors import (
     TransactionError,
     UsageError,
 )
+from ledgerlog.metrics import serve as serve_metrics
 from ledgerlog.model import (
     AbortReason,
     Decision,
@@ -68,7 +69,6 @@ from ledgerlog.model import (
     Transaction,
     TxnId,
 )
-from ledgerlog.metrics import serve as serve_metrics
 from ledgerlog.reader import ApplyError, DivergenceError, Reader
 from ledgerlog.validator import DEFAULT_WINDOW, ValidatorState, validate
 from ledgerlog.views import HandlerView, MemoryView, PostgresView, SQLiteView, View
