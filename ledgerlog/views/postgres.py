@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
 
-from ledgerlog.codec import OP_PUT, decode_value, encode_value
+from ledgerlog.codec import OP_PUT, encode_value
 from ledgerlog.errors import BackendError, ClosedError, ConfigError, UsageError
 from ledgerlog.model import Position
+from ledgerlog.views._sqlkv import SqlKvReads
 from ledgerlog.views.base import Applied, Checkpoint, View, check_batch
 from ledgerlog.views.sqlite import check_prefix
 
@@ -56,12 +57,14 @@ def _import_psycopg() -> Any:
     return psycopg
 
 
-class PostgresView(View):
+class PostgresView(SqlKvReads, View):
     """Keys, values and versions in PostgreSQL tables, with the checkpoint beside them.
 
     `dsn` is a libpq connection string or URI (``postgresql://user@host:5432/db``).
     Reads use their own connection, so they never wait for an apply in progress.
     """
+
+    _ph = "%s"
 
     def __init__(
         self,
@@ -277,10 +280,6 @@ class PostgresView(View):
         except self._pg.Error as exc:
             raise BackendError(f"view {self.name!r}: read failed: {exc}") from exc
 
-    def _query_one(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
-        rows = self._query(sql, args)
-        return rows[0] if rows else None
-
     @property
     def applied_seq(self) -> int:
         """The seq the tables are consistent at (0 before anything is applied)."""
@@ -303,82 +302,5 @@ class PostgresView(View):
             except self._pg.Error as exc:
                 raise BackendError(f"view {self.name!r}: read failed: {exc}") from exc
 
-    def get(self, key: str) -> Any | None:
-        """The key's value, or None if it is absent."""
-        entry = self.get_versioned(key)
-        return None if entry is None else entry[0]
-
-    def get_versioned(self, key: str) -> tuple[Any, int] | None:
-        """``(value, version)``, or None if the key is absent."""
-        if "\x00" in key:
-            return None  # cannot be stored here
-        row = self._query_one(f"SELECT value, version FROM {self._kv} WHERE key = %s", (key,))
-        return None if row is None else (decode_value(row[0]), int(row[1]))
-
-    def version(self, key: str) -> int:
-        """Seq of the key's last put; 0 if it is absent (this view keeps no tombstones)."""
-        if "\x00" in key:
-            return 0
-        row = self._query_one(f"SELECT version FROM {self._kv} WHERE key = %s", (key,))
-        return 0 if row is None else int(row[0])
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        return self.version(key) != 0
-
-    def _select(
-        self, columns: str, start: str, end: str | None, limit: int | None
-    ) -> list[tuple[Any, ...]]:
-        if limit is not None and limit < 0:
-            raise UsageError(f"limit must be >= 0, not {limit}")
-        if end is not None and end <= start:
-            return []
-        sql = f"SELECT {columns} FROM {self._kv} WHERE key >= %s"
-        args: list[Any] = [start]
-        if end is not None:
-            sql += " AND key < %s"
-            args.append(end)
-        # The column's C collation compares UTF-8 bytes, i.e. code points: the same
-        # order as Python's str, so ranges agree with the other views'.
-        sql += " ORDER BY key"
-        if limit is not None:
-            sql += " LIMIT %s"
-            args.append(limit)
-        return self._query(sql, args)
-
-    def range(
-        self, start: str, end: str | None = None, limit: int | None = None
-    ) -> list[tuple[str, Any]]:
-        """``(key, value)`` for keys in [start, end) in key order, at most `limit` of them."""
-        return [(k, decode_value(v)) for k, v in self._select("key, value", start, end, limit)]
-
-    def range_versioned(
-        self, start: str, end: str | None = None, limit: int | None = None
-    ) -> list[tuple[str, Any, int]]:
-        """``(key, value, version)`` for keys in [start, end), like :meth:`range`."""
-        return [
-            (k, decode_value(v), int(s))
-            for k, v, s in self._select("key, value, version", start, end, limit)
-        ]
-
-    def max_version_in_range(self, start: str, end: str | None = None) -> int:
-        """Highest version of a key present in [start, end); 0 if none. Deletes leave no
-        trace in this view, so this is a weaker hint than MemoryView's."""
-        if end is not None and end <= start:
-            return 0
-        sql = f"SELECT max(version) FROM {self._kv} WHERE key >= %s"
-        args: list[Any] = [start]
-        if end is not None:
-            sql += " AND key < %s"
-            args.append(end)
-        rows = self._query(sql, args)
-        return 0 if not rows or rows[0][0] is None else int(rows[0][0])
-
-    def items(self) -> list[tuple[str, Any]]:
-        """Every ``(key, value)`` in key order."""
-        return self.range("")
-
-    def __len__(self) -> int:
-        row = self._query_one(f"SELECT count(*) FROM {self._kv}")
-        return 0 if row is None else int(row[0])
+    def _storable(self, key: str) -> bool:
+        return "\x00" not in key  # PostgreSQL text cannot hold NUL

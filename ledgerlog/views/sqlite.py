@@ -35,9 +35,10 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
-from ledgerlog.codec import OP_PUT, decode_value, encode_value
+from ledgerlog.codec import OP_PUT, encode_value
 from ledgerlog.errors import BackendError, ClosedError, ConfigError, UsageError
 from ledgerlog.model import Position
+from ledgerlog.views._sqlkv import SqlKvReads
 from ledgerlog.views.base import Applied, Checkpoint, View, check_batch
 
 __all__ = ["SQLiteView"]
@@ -107,7 +108,7 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
     return Path(text)
 
 
-class SQLiteView(View):
+class SQLiteView(SqlKvReads, View):
     """Keys, values and versions in a SQLite file, with the checkpoint beside them."""
 
     def __init__(
@@ -285,90 +286,7 @@ class SQLiteView(View):
             finally:
                 conn.execute("COMMIT")
 
-    def get(self, key: str) -> Any | None:
-        """The key's value, or None if it is absent."""
-        entry = self.get_versioned(key)
-        return None if entry is None else entry[0]
-
-    def get_versioned(self, key: str) -> tuple[Any, int] | None:
-        """``(value, version)``, or None if the key is absent."""
+    def _query(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
         with self._rlock:
-            row = (
-                self._reader()
-                .execute(f"SELECT value, version FROM {self._kv} WHERE key = ?", (key,))
-                .fetchone()
-            )
-        return None if row is None else (decode_value(row[0]), row[1])
-
-    def version(self, key: str) -> int:
-        """Seq of the key's last put; 0 if it is absent (this view keeps no tombstones)."""
-        with self._rlock:
-            row = (
-                self._reader()
-                .execute(f"SELECT version FROM {self._kv} WHERE key = ?", (key,))
-                .fetchone()
-            )
-        return 0 if row is None else int(row[0])
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        return self.version(key) != 0
-
-    def _select(
-        self, columns: str, start: str, end: str | None, limit: int | None
-    ) -> list[tuple[Any, ...]]:
-        if limit is not None and limit < 0:
-            raise UsageError(f"limit must be >= 0, not {limit}")
-        if end is not None and end <= start:
-            return []
-        sql = f"SELECT {columns} FROM {self._kv} WHERE key >= ?"
-        args: list[Any] = [start]
-        if end is not None:
-            sql += " AND key < ?"
-            args.append(end)
-        # TEXT compares as UTF-8 bytes, and UTF-8 byte order is code point order:
-        # the same order as Python's str, so ranges agree with MemoryView's.
-        sql += " ORDER BY key"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        with self._rlock:
-            return self._reader().execute(sql, args).fetchall()
-
-    def range(
-        self, start: str, end: str | None = None, limit: int | None = None
-    ) -> list[tuple[str, Any]]:
-        """``(key, value)`` for keys in [start, end) in key order, at most `limit` of them."""
-        return [(k, decode_value(v)) for k, v in self._select("key, value", start, end, limit)]
-
-    def range_versioned(
-        self, start: str, end: str | None = None, limit: int | None = None
-    ) -> list[tuple[str, Any, int]]:
-        """``(key, value, version)`` for keys in [start, end), like :meth:`range`."""
-        return [
-            (k, decode_value(v), s)
-            for k, v, s in self._select("key, value, version", start, end, limit)
-        ]
-
-    def max_version_in_range(self, start: str, end: str | None = None) -> int:
-        """Highest version of a key present in [start, end); 0 if none. Deletes leave no
-        trace in this view, so this is a weaker hint than MemoryView's."""
-        if end is not None and end <= start:
-            return 0
-        sql = f"SELECT max(version) FROM {self._kv} WHERE key >= ?"
-        args: list[Any] = [start]
-        if end is not None:
-            sql += " AND key < ?"
-            args.append(end)
-        with self._rlock:
-            row = self._reader().execute(sql, args).fetchone()
-        return 0 if row is None or row[0] is None else int(row[0])
-
-    def items(self) -> list[tuple[str, Any]]:
-        """Every ``(key, value)`` in key order."""
-        return self.range("")
-
-    def __len__(self) -> int:
-        with self._rlock:
-            return int(self._reader().execute(f"SELECT count(*) FROM {self._kv}").fetchone()[0])
+            rows: list[tuple[Any, ...]] = self._reader().execute(sql, args).fetchall()
+            return rows
