@@ -10,12 +10,14 @@ decisions lives above it (writer, validator, reader), so a new backend only has 
 from __future__ import annotations
 
 import abc
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
+from ledgerlog.errors import BackendError, ClosedError
 from ledgerlog.model import Position
 
 
@@ -39,6 +41,69 @@ class Backoff:
         time.sleep(min(self.delay, deadline - now))
         self.delay = min(self.delay * 2, self.longest)
         return True
+
+
+class GroupCommit:
+    """Leader/follower group commit for intake producers: concurrent :meth:`submit` calls
+    share one `flush` (one fsync, one BookKeeper call). The first caller to find no flush
+    running flushes everything pending; the others wait for the flush that carries their
+    item, and learn if that flush failed (a later flush succeeding does not ack them)."""
+
+    _MAX_FAILURES = 1024
+
+    def __init__(self, flush: Callable[[list[bytes]], None]) -> None:
+        self._flush = flush
+        self._cond = threading.Condition()
+        self._pending: list[bytes] = []
+        self._batch_no = 0  # number of the batch now collecting
+        self._flushed = 0  # batches below this number are durable (or failed)
+        self._failed: dict[int, BaseException] = {}
+        self._flushing = False
+        self.closed = False
+
+    def submit(self, item: bytes, timeout: float | None = None) -> None:
+        """Return once `item` is durable; BackendError if its flush failed or timed out."""
+        with self._cond:
+            if self.closed:
+                raise ClosedError("intake producer is closed")
+            self._pending.append(item)
+            mine = self._batch_no
+            while True:
+                if mine in self._failed:
+                    exc = self._failed[mine]
+                    raise BackendError(f"intake write failed: {exc}") from exc
+                if self._flushed > mine:
+                    return
+                if self._flushing:
+                    if not self._cond.wait(timeout):
+                        raise BackendError("intake flush timed out")
+                    continue
+                self._flushing = True
+                batch, self._pending = self._pending, []
+                number = self._batch_no
+                self._batch_no += 1
+                err: BaseException | None = None
+                self._cond.release()
+                try:
+                    self._flush(batch)
+                except BaseException as exc:
+                    err = exc
+                finally:
+                    self._cond.acquire()
+                    self._flushing = False
+                    self._flushed = number + 1
+                    if err is not None:
+                        if len(self._failed) >= self._MAX_FAILURES:
+                            self._failed.pop(min(self._failed))
+                        self._failed[number] = err
+                    self._cond.notify_all()
+
+    def close(self) -> bool:
+        """Refuse further submits; False if it was already closed."""
+        with self._cond:
+            was_open = not self.closed
+            self.closed = True
+            return was_open
 
 
 @attrs.frozen

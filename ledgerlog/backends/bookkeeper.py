@@ -84,6 +84,7 @@ from ledgerlog.backends.base import (
     Backend,
     Backoff,
     Entry,
+    GroupCommit,
     IntakeConsumer,
     IntakeItem,
     IntakeProducer,
@@ -821,50 +822,22 @@ class BookKeeperIntakeProducer(IntakeProducer):
             data = msgspec.msgpack.encode(self.ledger_id)
             if b.call("zkTryCreate", f"{b.intake_path}/{self.name}", data, False):
                 break
-        self._cond = threading.Condition()
-        self._pending: list[bytes] = []
-        self._batch_no = 0
-        self._flushed = 0
-        self._flushing = False
-        self._closed = False
+        self._commit = GroupCommit(self._add)
+
+    def _add(self, batch: list[bytes]) -> None:
+        try:
+            self.backend.call("addEntries", self._handle, pack_entries(batch))
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"intake write failed: {exc}") from exc
 
     def submit(self, data: bytes, timeout: float | None = None) -> None:
-        with self._cond:
-            if self._closed:
-                raise ClosedError("intake producer is closed")
-            self._pending.append(bytes(data))
-            mine = self._batch_no
-            while self._flushed <= mine:
-                if self._flushing:
-                    if not self._cond.wait(timeout):
-                        raise BackendError("intake flush timed out")
-                    continue
-                self._flushing = True
-                batch, self._pending = self._pending, []
-                number = self._batch_no
-                self._batch_no += 1
-                err: BaseException | None = None
-                self._cond.release()
-                try:
-                    self.backend.call("addEntries", self._handle, pack_entries(batch))
-                except BaseException as exc:
-                    err = exc
-                finally:
-                    self._cond.acquire()
-                    self._flushing = False
-                    if err is None:
-                        self._flushed = number + 1
-                    self._cond.notify_all()
-                if err is not None:
-                    if isinstance(err, BackendError):
-                        raise err
-                    raise BackendError(f"intake write failed: {err}") from err
+        self._commit.submit(bytes(data), timeout)
 
     def close(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._commit.close():
+            return
         with contextlib.suppress(BackendError):
             self.backend.call("closeLedger", self._handle)
 

@@ -56,6 +56,7 @@ from ledgerlog.backends.base import (
     Backend,
     Backoff,
     Entry,
+    GroupCommit,
     IntakeConsumer,
     IntakeItem,
     IntakeProducer,
@@ -668,54 +669,22 @@ class FileIntakeProducer(IntakeProducer):
         # Held while the client lives: tells the writer the file may still grow.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         self.name = name
-        self._mutex = threading.Lock()
-        self._cond = threading.Condition(self._mutex)
-        self._pending: list[bytes] = []
-        self._batch_no = 0  # number of the batch now collecting
-        self._flushed = 0  # batches up to this number are durable
-        self._flushing = False
-        self._error: BaseException | None = None
-        self._closed = False
+        self._commit = GroupCommit(self._write)
+
+    def _write(self, frames: list[bytes]) -> None:
+        try:
+            os.write(self._fd, b"".join(frames))
+            if self.backend.fsync:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            raise BackendError(f"intake write to {self.name} failed: {exc}") from exc
 
     def submit(self, data: bytes, timeout: float | None = None) -> None:
-        with self._cond:
-            if self._closed:
-                raise ClosedError("intake producer is closed")
-            self._pending.append(fr.frame(fr.F_ENTRY, data))
-            mine = self._batch_no
-            while self._flushed <= mine:
-                if self._flushing:
-                    if not self._cond.wait(timeout):
-                        raise BackendError("intake flush timed out")
-                    continue
-                # Become the flusher for everything pending (leader/follower group commit).
-                self._flushing = True
-                buf = b"".join(self._pending)
-                self._pending.clear()
-                batch = self._batch_no
-                self._batch_no += 1
-                self._mutex.release()
-                err: BaseException | None = None
-                try:
-                    os.write(self._fd, buf)
-                    if self.backend.fsync:
-                        os.fdatasync(self._fd)
-                except OSError as exc:
-                    err = exc
-                finally:
-                    self._mutex.acquire()
-                    self._flushing = False
-                    if err is None:
-                        self._flushed = batch + 1
-                    self._cond.notify_all()
-                if err is not None:
-                    raise BackendError(f"intake write failed: {err}") from err
+        self._commit.submit(fr.frame(fr.F_ENTRY, data), timeout)
 
     def close(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._commit.close():
+            return
         with contextlib.suppress(OSError):
             os.write(self._fd, fr.frame(fr.F_CLOSED, b""))
             if self.backend.fsync:
