@@ -21,10 +21,15 @@ def test_sync_returns_when_the_last_entry_is_followed_by_a_seal(tmp_path: Path) 
         for i in range(5):
             with db.transaction() as tx:
                 tx.put(f"k{i}", "x" * 5000)
+        # The writer seals right after its append returns: wait for the last seal (six
+        # segments: the first and one per record), so the sync below starts behind it.
+        deadline = time.monotonic() + 10
+        while len(list((tmp_path / "x" / "segments").iterdir())) < 6:
+            assert time.monotonic() < deadline, "the writer never rolled after each record"
+            time.sleep(0.01)
         started = time.monotonic()
         assert db.sync(timeout=10) == 5
         assert time.monotonic() - started < 5
-        assert len(list((tmp_path / "x" / "segments").iterdir())) >= 6
 
 
 @pytest.mark.timeout(60)
