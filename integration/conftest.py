@@ -36,7 +36,8 @@ from typing import Any
 
 import pytest
 
-from ledgerlog.devservers.pulsar import LocalPulsar, _free_loopback_ports, project_java_dir
+from ledgerlog.devservers._common import free_loopback_ports
+from ledgerlog.devservers.pulsar import LocalPulsar, project_java_dir
 
 # The C++ Pulsar client logs every connection at INFO; keep test output readable.
 logging.getLogger("ledgerlog.pulsar.client").setLevel(logging.WARNING)
@@ -169,7 +170,7 @@ def pulsar_container() -> Iterator[PulsarTarget]:
     is one the host can reach."""
     from testcontainers.core.container import DockerContainer
 
-    broker_port, web_port = _free_loopback_ports(2)
+    broker_port, web_port = free_loopback_ports(2)
     container = DockerContainer(PULSAR_IMAGE)
     # The Docker host as testcontainers reaches it (localhost, or DOCKER_HOST's host).
     host = container.get_docker_client().host()

@@ -16,7 +16,6 @@ Every JVM started here is killed if the Python thread that started it dies (Linu
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import os
@@ -26,7 +25,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +32,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
+
+from ledgerlog.devservers._common import cache_dir, free_loopback_ports, parent_death_signal
 
 if TYPE_CHECKING:
     from py4j.java_gateway import JavaGateway
@@ -82,11 +82,6 @@ class GatewayError(RuntimeError):
 # ---------------------------------------------------------------------------------- build
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("LEDGERLOG_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "ledgerlog"
-
-
 def java_executable() -> str:
     """``$LEDGERLOG_JAVA``, else ``$JAVA_HOME/bin/java``, else ``java`` on PATH."""
     explicit = os.environ.get("LEDGERLOG_JAVA")
@@ -126,7 +121,7 @@ def ensure_build(*, force: bool = False, timeout: float = 900.0) -> str:
     classpath without running Maven. ``$LEDGERLOG_MVN`` overrides the ``mvn`` command.
     """
     digest = _source_digest(JAVA_PROJECT)
-    base = _cache_root() / "bookkeeper"
+    base = cache_dir() / "bookkeeper"
     build_dir = base / digest
     cp_file = build_dir / "classpath.txt"
     base.mkdir(parents=True, exist_ok=True)
@@ -207,31 +202,7 @@ def unpack_entries(packed: bytes) -> list[tuple[int, bytes]]:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _free_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        p = free_port()
-        if p not in ports:
-            ports.append(p)
-    return ports
-
-
-_LIBC: Any = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError):
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the parent thread dies (Linux only)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    return free_loopback_ports(1)[0]
 
 
 def _port_open(port: int) -> bool:
@@ -394,7 +365,7 @@ class LocalBookKeeper:
             self.data_dir = Path(self._data_dir_arg)
             self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            ports = _free_ports(1 + self.num_bookies)
+            ports = free_loopback_ports(1 + self.num_bookies)
             self.zk_port, self.bookie_ports = ports[0], ports[1:]
             self._start_zookeeper()
             self._init_cluster()
@@ -487,7 +458,7 @@ class LocalBookKeeper:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
-                preexec_fn=_die_with_parent,
+                preexec_fn=parent_death_signal(signal.SIGKILL),
             )
 
     def _dead(self, name: str, proc: subprocess.Popen[bytes] | None) -> str | None:
@@ -574,7 +545,7 @@ class LocalBookKeeper:
                     stderr=subprocess.STDOUT,
                     cwd=self.data_dir,
                     timeout=self.start_timeout,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=parent_death_signal(signal.SIGKILL),
                     check=False,
                 ).returncode
             except subprocess.TimeoutExpired as e:
@@ -724,7 +695,7 @@ class GatewayProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=parent_death_signal(signal.SIGKILL),
         )
         try:
             self.port = self._read_port()

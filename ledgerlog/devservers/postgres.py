@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import glob
 import os
 import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+
+from ledgerlog.devservers._common import free_loopback_ports, parent_death_signal
 
 __all__ = ["LocalPostgres", "PostgresStartError", "find_bin_dir", "main"]
 
@@ -79,13 +79,6 @@ def find_bin_dir() -> Path:
     )
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _ensure_system_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
@@ -105,16 +98,6 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
             f"PostgreSQL cannot run as root and user {name!r} could not be created: "
             f"{proc.stderr.strip() or proc.returncode}"
         ) from None
-
-
-def _set_parent_death_signal() -> None:
-    """Runs in the child just before exec (after the uid change, which would clear it):
-    the postmaster gets SIGQUIT (immediate shutdown, children included) if the launcher
-    dies. Linux only; elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGQUIT)  # PR_SET_PDEATHSIG
 
 
 class LocalPostgres:
@@ -209,7 +192,7 @@ class LocalPostgres:
             self._prepare()
             self._initdb()
             for attempt in range(5):
-                self.port = self._fixed_port or _free_loopback_port()
+                self.port = self._fixed_port or free_loopback_ports(1)[0]
                 self._launch()
                 if self._wait_ready():
                     return self
@@ -342,7 +325,9 @@ class LocalPostgres:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_set_parent_death_signal,  # only prctl: safe after fork
+            # After the uid change (which would clear it): the postmaster gets SIGQUIT
+            # (immediate shutdown, children included) if the launcher dies.
+            preexec_fn=parent_death_signal(signal.SIGQUIT),
             user=self._uid,
             group=self._gid,
             extra_groups=self._extra_groups(),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import ctypes
 import hashlib
 import hmac
 import json
@@ -48,6 +47,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+
+from ledgerlog.devservers._common import cache_dir, free_loopback_ports, parent_death_signal
 
 __all__ = [
     "LocalPulsar",
@@ -116,15 +117,6 @@ def project_java_dir() -> Path:
             "java/pulsar directory"
         )
     return path
-
-
-def cache_dir() -> Path:
-    """Where the resolved classpath is cached (``LEDGERLOG_CACHE_DIR`` or XDG cache)."""
-    override = os.environ.get("LEDGERLOG_CACHE_DIR")
-    if override:
-        return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ledgerlog"
 
 
 # ----------------------------------------------------------------------- classpath
@@ -321,20 +313,6 @@ def mint_hs256_token(secret: bytes, subject: str, *, expires_in: float | None = 
 # --------------------------------------------------------------------------- config
 
 
-def _free_loopback_ports(count: int) -> list[int]:
-    """Distinct ports free on 127.0.0.1 right now (all held open until every one is picked)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((LOOPBACK, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def render_config(template: str, overrides: Mapping[str, str]) -> str:
     """Replace ``key=value`` lines of ``template`` and append keys it does not have."""
     remaining = dict(overrides)
@@ -351,18 +329,6 @@ def render_config(template: str, overrides: Mapping[str, str]) -> str:
         lines.append("### --- set by ledgerlog.devservers.pulsar --- ###")
         lines.extend(f"{k}={v}" for k, v in remaining.items())
     return "\n".join(lines) + "\n"
-
-
-def _set_parent_death_signal() -> None:
-    """Runs in the child before exec: the JVM gets SIGKILL if the launcher dies.
-
-    Keeps a crashed or killed test run from leaving a 1 GB JVM behind on a 2-core box.
-    Linux only; elsewhere it is a no-op.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # ----------------------------------------------------------------------- the broker
@@ -514,7 +480,7 @@ class LocalPulsar:
             else:
                 self._data_dir = Path(tempfile.mkdtemp(prefix="ledgerlog-pulsar-"))
         if not self.broker_port:
-            free = iter(_free_loopback_ports(3))
+            free = iter(free_loopback_ports(3))
             want = self._requested_ports
             self.broker_port = want[0] or next(free)
             self.web_port = want[1] or next(free)
@@ -694,7 +660,7 @@ class LocalPulsar:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_set_parent_death_signal,  # only prctl: safe after fork
+            preexec_fn=parent_death_signal(signal.SIGKILL),
         )
 
     def _terminate(self, *, graceful: bool, timeout: float = 30.0) -> None:

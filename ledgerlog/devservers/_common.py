@@ -1,0 +1,57 @@
+"""What the dev servers share: the cache directory, free loopback ports, and tying a
+server's life to its launcher's."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def cache_dir() -> Path:
+    """Where resolved classpaths and builds are cached (``LEDGERLOG_CACHE_DIR``, else the
+    XDG cache directory)."""
+    override = os.environ.get("LEDGERLOG_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ledgerlog"
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """Distinct ports free on 127.0.0.1 right now (all held open until every one is picked)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+_LIBC: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def parent_death_signal(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` asking the kernel to send `sig` to the child when the launching
+    thread dies, so a killed test run leaves no server behind. Only prctl runs in the
+    child (safe after fork); Linux only, elsewhere a no-op."""
+
+    def arm() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return arm
