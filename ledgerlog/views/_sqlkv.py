@@ -1,10 +1,12 @@
-"""The read API the SQL views share: one ``kv(key, value, version)`` table read through
-the subclass's own connection. Subclasses give the table name, their driver's parameter
-placeholder and :meth:`_query`; the SQL and the decoding live here once."""
+"""What the SQL views share: the read API over one ``kv(key, value, version)`` table, and
+closing their two connections (one for applies, one for reads). Subclasses give the
+table name, their driver's parameter placeholder and :meth:`_query`; the SQL and the
+decoding live here once."""
 
 from __future__ import annotations
 
 import abc
+import threading
 from typing import Any
 
 from ledgerlog.codec import decode_value
@@ -16,6 +18,23 @@ class SqlKvReads(abc.ABC):
     """The kv table's (prefixed) name."""
     _ph: str = "?"
     """The driver's parameter placeholder ("?" for sqlite3, "%s" for psycopg)."""
+    _wlock: threading.Lock | threading.RLock
+    _rlock: threading.Lock | threading.RLock
+    _wconn: Any
+    _rconn: Any
+    _closed: bool
+
+    def close(self) -> None:
+        with self._wlock, self._rlock:
+            self._closed = True
+            self._close_connections()
+
+    def _close_connections(self) -> None:
+        for conn in (self._rconn, self._wconn):
+            if conn is not None:
+                conn.close()
+        self._wconn = None
+        self._rconn = None
 
     @abc.abstractmethod
     def _query(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:

@@ -252,18 +252,6 @@ class PostgresView(SqlKvReads, View):
                 hint = " (PostgreSQL text cannot hold NUL characters)" if nul else ""
                 raise BackendError(f"view {self.name!r}: apply failed{hint}: {exc}") from exc
 
-    def close(self) -> None:
-        with self._wlock, self._rlock:
-            self._closed = True
-            self._close_connections()
-
-    def _close_connections(self) -> None:
-        for conn in (self._rconn, self._wconn):
-            if conn is not None:
-                conn.close()
-        self._wconn = None
-        self._rconn = None
-
     # -- reads -----------------------------------------------------------------------------
 
     def _reader(self) -> psycopg.Connection[Any]:
