@@ -353,7 +353,8 @@ class Client:
         self.owns_backend = owns_backend
         self.client_id = default_client_id() if client_id is None else client_id
         self.timeout = timeout
-        self.view = MemoryView(window=window)
+        # Rebuilt by every new Client, so never a restart point: no validator snapshots.
+        self.view = MemoryView(window=window, snapshots=False)
         self.reader = Reader(backend, [self.view, *views], window=window, name=self.client_id)
         try:
             self._intake: IntakeProducer = backend.intake_producer(self.client_id)

@@ -85,6 +85,9 @@ class Reader:
         self.name = name
         self.window = window
         self.snapshot_every = snapshot_every or min(window, 50_000)
+        # A snapshot stalls this thread (and, holding the GIL, the process) for
+        # O(window): only take them for views that can use one.
+        self._snapshots = any(v.wants_snapshots for v in self.views)
         self._log = log.bind(ledger=backend.ledger, reader=name)
         self._lock = threading.Condition()
         self._waiters: dict[tuple[str, int], list[Future[Decision]]] = {}
@@ -223,7 +226,9 @@ class Reader:
             return
         state = self.state
         snapshot = b""
-        if state.next_seq - self._snapshot_seq >= self.snapshot_every or not self._snapshot:
+        if self._snapshots and (
+            state.next_seq - self._snapshot_seq >= self.snapshot_every or not self._snapshot
+        ):
             snapshot = _pack_snapshot(position, state.snapshot())
             self._snapshot = snapshot
             self._snapshot_seq = state.next_seq
