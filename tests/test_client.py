@@ -732,3 +732,41 @@ def test_range_is_a_snapshot_even_when_a_batch_lands_mid_read(
         return  # also acceptable: the change was noticed
     monkeypatch.undo()
     assert rows == [("user:1", "ann")]  # the state at tx.read_version
+
+
+_FREEZE_SCRIPT = textwrap.dedent(
+    """
+    import gc, sys, time
+    import ledgerlog
+
+    freeze = sys.argv[2] == "on"
+    before = gc.get_freeze_count()
+    with ledgerlog.open(sys.argv[1], client_id="gc", freeze_gc=freeze) as db:
+        db.wait_writer()
+        with db.transaction() as tx:
+            tx.put("k", 1)
+        deadline = time.monotonic() + 10
+        while freeze and gc.get_freeze_count() == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not freeze:
+            time.sleep(1.0)  # long past the replica's first idle poll
+        print(before, gc.get_freeze_count())
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_client_freezes_the_gc_once_caught_up_unless_told_not_to(tmp_path: Path, mode: str) -> None:
+    # In a process of its own: gc.freeze() is process-wide and happens once.
+    out = subprocess.run(
+        [sys.executable, "-c", _FREEZE_SCRIPT, str(tmp_path / "ledger"), mode],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert before == 0
+    assert (after > 0) if mode == "on" else (after == 0)

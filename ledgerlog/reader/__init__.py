@@ -92,6 +92,7 @@ class Reader:
         self._lock = threading.Condition()
         self._waiters: dict[tuple[str, int], list[Future[Decision]]] = {}
         self._subscribers: list[Callable[[Sequence[EntryResult]], None]] = []
+        self._on_caught_up: list[Callable[[], None]] = []
         self._digests: deque[tuple[int, bytes]] = deque(maxlen=keep_digests)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -318,6 +319,11 @@ class Reader:
         """Call `fn` with the results of every batch (from the reading thread)."""
         self._subscribers.append(fn)
 
+    def when_caught_up(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once, from the reading thread (:meth:`start`), the first time a
+        poll finds nothing new: the replica has read what the ledger held."""
+        self._on_caught_up.append(fn)
+
     def wait_for_seq(self, seq: int, timeout: float | None = None) -> bool:
         """Wait until seq `seq` has been validated and applied; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -377,7 +383,10 @@ class Reader:
         try:
             while not self._stop.is_set():
                 try:
-                    self.poll(timeout=0.05)
+                    if not self.poll(timeout=0.05) and self._on_caught_up:
+                        hooks, self._on_caught_up = self._on_caught_up, []
+                        for fn in hooks:
+                            fn()
                 except BackendError:
                     # The storage is unreachable for now; the log reader resumes where it
                     # stopped. Anything else (divergence, a view failing) stops the reader.
