@@ -439,9 +439,10 @@ class Client:
         fdatasync): the way to pipeline many transactions from one thread. Returns a
         future per transaction, in order; it does not raise for aborts."""
         self._check()
-        futs: list[Future[Decision]] = []
+        futs: list[Future[Decision] | None] = []
         payload: list[bytes] = []
-        watched: list[tuple[TxnId, Future[Decision]]] = []
+        keys: list[tuple[str, int]] = []
+        slots: list[int] = []
         for tx in txs:
             tx._check()
             tx._done = True
@@ -449,23 +450,32 @@ class Client:
                 fut: Future[Decision] = Future()
                 tx.decision = Decision(None, tx.txn_id, Outcome.COMMITTED, detail="read-only")
                 fut.set_result(tx.decision)
+                futs.append(fut)
             else:
-                fut = self.reader.watch(tx.txn_id.client_id, tx.txn_id.client_seq)
-                watched.append((tx.txn_id, fut))
+                keys.append((tx.txn_id.client_id, tx.txn_id.client_seq))
                 payload.append(tx.encode())
-            futs.append(fut)
+                slots.append(len(futs))
+                futs.append(None)
         if payload:
+            # One registration (one lock round) and one shared callback for the batch:
+            # this is the client's per-transaction hot path.
+            watched = self.reader.watch_many(keys)
             started = time.perf_counter()
             observe = self._latency.observe
-            for _tid, fut in watched:
-                fut.add_done_callback(lambda _f: observe(time.perf_counter() - started))
+
+            def observed(_f: Future[Decision]) -> None:
+                observe(time.perf_counter() - started)
+
+            for slot, fut in zip(slots, watched, strict=True):
+                fut.add_done_callback(observed)
+                futs[slot] = fut
             try:
                 self._intake.submit(encode_intake(payload), timeout=self.timeout)
             except BaseException:
-                for tid, fut in watched:
-                    self.reader.unwatch(tid.client_id, tid.client_seq, fut)
+                for (client_id, client_seq), fut in zip(keys, watched, strict=True):
+                    self.reader.unwatch(client_id, client_seq, fut)
                 raise
-        return futs
+        return cast(list[Future[Decision]], futs)
 
     def _wait(self, fut: Future[Decision], txn_id: TxnId, timeout: float | None) -> Decision:
         try:

@@ -307,6 +307,19 @@ class Reader:
             self._waiters.setdefault((client_id, client_seq), []).append(fut)
         return fut
 
+    def watch_many(self, ids: Sequence[tuple[str, int]]) -> list[Future[Decision]]:
+        """:meth:`watch` for several ``(client_id, client_seq)`` at once, in order."""
+        futs: list[Future[Decision]] = [Future() for _ in ids]
+        with self._lock:
+            waiters = self._waiters
+            for key, fut in zip(ids, futs, strict=True):
+                got = waiters.get(key)
+                if got is None:
+                    waiters[key] = [fut]
+                else:
+                    got.append(fut)
+        return futs
+
     def unwatch(self, client_id: str, client_seq: int, fut: Future[Decision]) -> None:
         with self._lock:
             lst = self._waiters.get((client_id, client_seq))

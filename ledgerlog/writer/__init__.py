@@ -223,9 +223,11 @@ class Writer:
             last_check = time.monotonic()
             while not self._stop.is_set():
                 retire(wait=len(pending) >= depth)
-                # With appends in flight, look back soon to retire them (and notice a
-                # failure); intake that arrives meanwhile is taken at once either way.
-                items = intake.poll(self.max_batch_items, timeout=0.002 if pending else 0.05)
+                # With appends in flight, look back soon to retire them; intake that
+                # arrives meanwhile is taken at once either way. (A failed send already
+                # stops the next append from starting: retiring late only delays the
+                # intake acknowledgement, which is bookkeeping.)
+                items = intake.poll(self.max_batch_items, timeout=0.01 if pending else 0.05)
                 if not items:
                     if not pending and time.monotonic() - last_check > 0.5:
                         lw.check()
