@@ -7,6 +7,7 @@ ZooKeeper nodes of a ledger ``L`` (under ``root``, default ``/ledgerlog``)::
     /ledgerlog/L/writer           ephemeral: the elected writer's claim (id, token); its
                                   data version is the writer's lease heartbeat
     /ledgerlog/L/intake/<client>  one node per intake producer: its own BookKeeper ledger id
+    /ledgerlog/L/alive/<client>   ephemeral, per intake producer: it is still there
 
 **The chain and fencing.** Each writer term appends to a BookKeeper ledger of its own. A
 new writer (1) opens the chain's last BookKeeper ledger *with recovery*, which fences it -
@@ -17,6 +18,18 @@ compare-and-sets the chain node (``zkSetIfVersion``) to append the new ledger id
 is the election's linearization point: of two writers racing, only one extends the chain,
 and the loser deletes its ledger. A ledger in the chain with a successor is therefore
 closed for good, so readers see the same entries of it whatever the timing.
+
+**Rollover.** Within a term the writer moves to a new BookKeeper ledger once its ledger
+holds ``roll_entries`` entries or ``roll_bytes`` bytes (URL parameters; defaults 10,000
+and 16 MiB), before its next append: it creates the ledger with a header holding the
+sequencer state at the full ledger's end (the state the Writer passed with its last
+append), closes the full ledger (sealing it at its last entry, before any reader can see a
+successor), and compare-and-sets the chain from the version its own last CAS produced. So a
+takeover fences and scans one ledger of at most about that size, whatever the ledger's
+length. A deposed writer cannot roll: its seal fails on the fenced ledger or its CAS on
+the moved chain (FencedError), and a ledger it created but never chained is deleted. If
+the CAS's outcome is unknown (ZooKeeper lost), the writer stops appending and resigns; the
+next term finds the chain either way.
 
 **Positions** are ``Position(index in chain, entry id)``; entry 0 of every chain ledger is
 the header and never an entry, so ``Position(i, 0)`` reads from ``(i, 1)`` and ``START``
@@ -49,6 +62,30 @@ id of each intake ledger it has consumed travels inside the ledger record (its `
 so it becomes durable and visible exactly with the transactions, and a new writer resumes
 from the last *visible* record (as with the file backend's intake offsets).
 
+**Intake garbage collection.** A producer also holds an ephemeral ``alive`` node (created
+before its intake node, deleted by :meth:`BookKeeperIntakeProducer.close`, gone with its
+process's ZooKeeper session). The writer treats a producer without one as gone: it fences
+its intake ledger (recovery-open, which also makes its last acknowledged entries readable)
+to learn the final length, and once a record whose offsets cover that length is durable
+(acknowledged by the ack quorum) it deletes the intake node, then the BookKeeper ledger,
+and drops the producer from the offsets of later records. Any writer resumes from offsets
+at least that high, so none needs a collected ledger. A producer whose session expired
+while its process lives finds its ledger fenced: its next submit fails with a BackendError
+saying so (open a new producer; a retried transaction commits at most once).
+
+**ZooKeeper sessions.** When ZooKeeper expires the gateway's session (or it cannot be
+reached), calls raise :class:`ZooKeeperError` (connection loss within about 2/3 of the
+session timeout, never a hang) and the next call opens a new session. The elected writer
+learns from its lease renewal or its checks that its ephemeral claim went with the old
+session, resigns and campaigns again; readers and producers just go on. The session
+timeout is the client property ``ledgerlog.zkSessionTimeoutMs`` (default 10 s).
+
+**Bookies.** Creating a BookKeeper ledger needs ``ensemble`` writable bookies, and every
+election, rollover and new intake producer creates one. Run at least ``ensemble + 1``
+bookies to keep electing writers, rolling and accepting new producers while one bookie is
+down; with exactly ``ensemble`` bookies, open ledgers still take adds with the ack quorum
+(``delayEnsembleChange``), but nothing new starts until the bookie is back.
+
 **The gateway JVM.** Backends of one process share one gateway per (ZooKeeper, client
 settings), reference-counted: the first starts it (:class:`GatewayProcess`), the last
 :meth:`close` stops it. A gateway passed in explicitly is never stopped by the backend.
@@ -56,11 +93,10 @@ Every Python->Java call carries a whole batch (entries packed into one ``byte[]`
 or stuck JVM surfaces as :class:`GatewayFailedError` (a :class:`BackendError`), never a
 hang (py4j read timeout). :meth:`BookKeeperBackend.bridge_stats` counts calls and bytes.
 
-**Known limits.** Ledgers do not roll within a term; a new writer scans the whole tail
-ledger at takeover. Intake ledgers of closed producers are not garbage-collected. A
-gateway's ZooKeeper session that expires is not re-established (restart the process).
-With ``ensemble`` equal to the number of bookies, no ledger can be created while one
-bookie is down (adds to open ledgers go on with the ack quorum).
+**Known limits.** The chain node lists every BookKeeper ledger of the ledger (about 9
+bytes each; ZooKeeper's 1 MB node limit allows about 100,000 rollovers) and nothing
+trims old ledgers yet. A writer that crashes between deleting a gone producer's intake
+node and its ledger leaks that BookKeeper ledger.
 """
 
 from __future__ import annotations
