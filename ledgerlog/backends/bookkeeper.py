@@ -116,6 +116,7 @@ import attrs
 import msgspec
 import structlog
 
+from ledgerlog import metrics
 from ledgerlog.backends.base import (
     Backend,
     Backoff,
@@ -249,6 +250,12 @@ class _Bridge:
         finally:
             dt = time.perf_counter() - t0
         in_bytes = len(result) if isinstance(result, bytes | bytearray) else 0
+        metrics.BK_GATEWAY_CALLS.labels(method).inc()
+        metrics.BK_GATEWAY_SECONDS.inc(dt)
+        if out_bytes:
+            _TO_JAVA.inc(out_bytes)
+        if in_bytes:
+            _FROM_JAVA.inc(in_bytes)
         with self._stats_lock:
             s = self.stats
             s.calls += 1
@@ -259,6 +266,8 @@ class _Bridge:
         return result
 
 
+_TO_JAVA = metrics.BK_GATEWAY_BYTES.labels("to_java")
+_FROM_JAVA = metrics.BK_GATEWAY_BYTES.labels("from_java")
 _SHARED: dict[tuple[str, str], _Bridge] = {}
 _SHARED_LOCK = threading.Lock()
 
