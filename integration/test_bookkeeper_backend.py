@@ -294,22 +294,33 @@ def test_expired_zookeeper_session_is_renewed_and_the_writer_reelected(
     assert a.gateway is not c.gateway
     w = Writer(a, "w1").start()
     producer = c.intake_producer("client")
+    local = a.intake_producer("local")  # its liveness node lives in the expiring session
+    alive = f"{a.alive_path}/{local.name}"
     try:
         assert w.elected.wait(30)
         epoch = w.epoch
         for i in range(40):
             submit(producer, "client", i)
+            submit(local, "local", i)
         assert a.call("zkSessionCount") == 1
-        # ZooKeeper ends the session (as on expiry): the writer's ephemeral claim goes
-        # with it. The gateway opens a new session; the writer learns it lost the ledger
-        # and, being the only candidate, is elected again in a new epoch.
+        # ZooKeeper ends the session (as on expiry): the writer's ephemeral claim and the
+        # local producer's liveness node go with it. The gateway opens a new session; the
+        # writer learns it lost the ledger and, being the only candidate, is elected again
+        # in a new epoch; the backend gives its producer its liveness node back.
         a.call("zkExpireSession")
         wait_for(lambda: w.epoch > epoch and w.elected.is_set(), 60, "re-election")
         assert a.call("zkSessionCount") >= 2
+        wait_for(lambda: c.call("zkGet", alive) is not None, 30, "the liveness node back")
+        # Beyond the writer's grace for missing nodes: the producer was not judged gone.
+        time.sleep(6.5)
         for i in range(40, 80):
             submit(producer, "client", i)
-        assert_exactly_once(all_decided(local_bookkeeper, name, 80), "client", 80)
+            submit(local, "local", i)
+        decided = all_decided(local_bookkeeper, name, 160)
+        assert_exactly_once(decided, "client", 80)
+        assert_exactly_once(decided, "local", 80)
     finally:
+        local.close()
         producer.close()
         w.stop()
         a.close()

@@ -64,14 +64,17 @@ from the last *visible* record (as with the file backend's intake offsets).
 
 **Intake garbage collection.** A producer also holds an ephemeral ``alive`` node (created
 before its intake node, deleted by :meth:`BookKeeperIntakeProducer.close`, gone with its
-process's ZooKeeper session). The writer treats a producer without one as gone: it fences
+process's ZooKeeper session; a backend whose gateway got a new session restores its
+producers' nodes within about a second). The writer treats a producer whose node has been
+missing for ``lease_timeout`` (at least 5 s) as gone: it fences
 its intake ledger (recovery-open, which also makes its last acknowledged entries readable)
 to learn the final length, and once a record whose offsets cover that length is durable
 (acknowledged by the ack quorum) it deletes the intake node, then the BookKeeper ledger,
 and drops the producer from the offsets of later records. Any writer resumes from offsets
 at least that high, so none needs a collected ledger. A producer whose session expired
 while its process lives finds its ledger fenced: its next submit fails with a BackendError
-saying so (open a new producer; a retried transaction commits at most once).
+saying so (open a new producer; a retried transaction commits at most once). That only
+happens if its node stayed missing for ``lease_timeout`` (ZooKeeper unreachable from it).
 
 **ZooKeeper sessions.** When ZooKeeper expires the gateway's session (or it cannot be
 reached), calls raise :class:`ZooKeeperError` (connection loss within about 2/3 of the
@@ -182,6 +185,8 @@ _NO_LEDGER_MARKERS: Final = ("BKNoSuchLedgerExistsException", "NoSuchLedgerExist
 DEFAULT_ROLL_ENTRIES: Final = 10_000
 DEFAULT_ROLL_BYTES: Final = 16 * 1024 * 1024
 _INTAKE_GC_INTERVAL: Final = 1.0
+_KEEPALIVE_INTERVAL: Final = 1.0
+_GONE_GRACE_MIN: Final = 5.0
 
 
 class GatewayFailedError(BackendError):
@@ -422,6 +427,9 @@ class BookKeeperBackend(Backend):
         self._end_handle: tuple[int, int] | None = None  # (ledger id, gateway handle)
         self.active_writers: list[BookKeeperLogWriter] = []
         self._watch: tuple[int | None, float, float] = (None, 0.0, 0.0)
+        self._producers: list[BookKeeperIntakeProducer] = []
+        self._keepalive: threading.Thread | None = None
+        self._keepalive_stop = threading.Event()
         try:
             self.call("zkEnsurePath", self.intake_path)
             self.call("zkEnsurePath", self.alive_path)
@@ -575,12 +583,47 @@ class BookKeeperBackend(Backend):
 
     def intake_producer(self, client_id: str) -> BookKeeperIntakeProducer:
         self._check_open()
-        return BookKeeperIntakeProducer(self, check_client_id(client_id))
+        with self._lock:
+            if self._keepalive is None:
+                sessions = int(self.call("zkSessionCount"))
+                self._keepalive = threading.Thread(
+                    target=self._keep_alive,
+                    args=(sessions,),
+                    name=f"ledgerlog-bk-alive-{self.ledger}",
+                    daemon=True,
+                )
+                self._keepalive.start()
+        producer = BookKeeperIntakeProducer(self, check_client_id(client_id))
+        with self._lock:
+            self._producers.append(producer)
+        return producer
+
+    def _keep_alive(self, sessions: int) -> None:
+        """Give this backend's producers their liveness nodes back after the gateway's
+        ZooKeeper session was replaced (the nodes died with the old one). A writer waits
+        ``lease_timeout`` (at least 5 s) after a node disappears before it judges the
+        producer gone."""
+        while not self._keepalive_stop.wait(_KEEPALIVE_INTERVAL):
+            try:
+                now = int(self.call("zkSessionCount"))
+                if now == sessions:
+                    continue
+                with self._lock:
+                    producers = list(self._producers)
+                for p in producers:
+                    self.call("zkTryCreate", f"{self.alive_path}/{p.name}", b"", True)
+                sessions = now
+                log.info("restored intake liveness nodes", ledger=self.ledger, n=len(producers))
+            except BackendError as exc:
+                log.warning("could not check the ZooKeeper session", error=str(exc))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._keepalive_stop.set()
+        if self._keepalive is not None and self._keepalive is not threading.current_thread():
+            self._keepalive.join(10)
         for w in list(self.active_writers):
             with contextlib.suppress(Exception):
                 w.close()
@@ -995,6 +1038,9 @@ class BookKeeperIntakeProducer(IntakeProducer):
     def close(self) -> None:
         if not self._commit.close():
             return
+        with self.backend._lock:
+            if self in self.backend._producers:
+                self.backend._producers.remove(self)
         with contextlib.suppress(BackendError):
             self.backend.call("closeLedger", self._handle)
         with contextlib.suppress(BackendError):
@@ -1020,6 +1066,7 @@ class BookKeeperIntakeConsumer(IntakeConsumer):
         self._names: dict[int, str] = {}
         self._ledgers: dict[str, int] = {}
         self._final: dict[str, int] = {}  # gone producers: their fenced ledger's length
+        self._absent_since: dict[str, float] = {}
         self._listed: set[str] = set()
         self._last_scan = 0.0
         self._last_gc = time.monotonic()
@@ -1062,8 +1109,15 @@ class BookKeeperIntakeConsumer(IntakeConsumer):
         self._last_gc = time.monotonic()
         b = self.backend
         alive = set((b.call("zkChildren", b.alive_path) or "").split("/"))
+        now = time.monotonic()
         for name in sorted(self._ledgers):
             if name in alive:
+                self._absent_since.pop(name, None)
+                continue
+            # A producer whose ZooKeeper session was replaced restores its node within a
+            # second or so: judge it gone only after a lease's worth of absence.
+            since = self._absent_since.setdefault(name, now)
+            if name not in self._final and now - since < max(b.lease_timeout, _GONE_GRACE_MIN):
                 continue
             if name not in self._final and not self._fence_gone(name):
                 continue
@@ -1115,6 +1169,7 @@ class BookKeeperIntakeConsumer(IntakeConsumer):
                 self.backend.call("closeLedger", handle)
         for table in (self._offsets, self._handed, self._durable, self._final, self._ledgers):
             table.pop(name, None)
+        self._absent_since.pop(name, None)
 
     def poll(self, max_items: int = 1024, timeout: float = 0.0) -> list[IntakeItem]:
         deadline = time.monotonic() + timeout

@@ -171,8 +171,12 @@ public final class Gateway {
         return fresh;
     }
 
-    /** How many ZooKeeper sessions this gateway has opened (it opens one per expiry). */
-    public int zkSessionCount() {
+    /**
+     * How many ZooKeeper sessions this gateway has opened (it opens one per expiry); opens
+     * the next one first if the current one has expired, so polling it keeps a session.
+     */
+    public int zkSessionCount() throws Exception {
+        session();
         return zkSessions.get();
     }
 
