@@ -11,7 +11,8 @@ BookKeeper runs on ZooKeeper + 4 bookies (3/3/2, journal fsync on); Pulsar on a 
 standalone. The py4j bridge's own cost is shown separately, per process kind: calls/s,
 MB/s each way and the seconds spent inside gateway calls per second (summed over
 threads) — the writer's from its ``--metrics-port`` (``ledgerlog_bookkeeper_gateway_*``),
-the clients' from ``BookKeeperBackend.bridge_stats()``.
+the clients' from ``BookKeeperBackend.bridge_stats()`` — beside what the bridge alone
+carries in the same run (empty round trips/s, MB/s of 64 KB arrays each way).
 
 Run: ``python -m bench.bookkeeper_bench [--seconds 8] [--clients 2] [--no-pulsar]``.
 """
@@ -25,6 +26,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -145,6 +147,45 @@ def _bridge_line(label: str, b: Bridge, seconds: float, procs: int) -> str:
     )
 
 
+def bridge_capacity(zk_connect: str, rounds: int = 2000, size: int = 64 * 1024) -> dict[str, float]:
+    """What the py4j bridge alone can carry, in this run: empty round trips per second and
+    MB/s of ``size``-byte arrays each way, through the backend's own call path."""
+    from ledgerlog.backends.bookkeeper import BookKeeperBackend
+
+    backend = BookKeeperBackend(zk_connect, "bench-bridge")
+    try:
+        call = backend.call
+        for _ in range(200):
+            call("ping")
+        t = time.perf_counter()
+        for _ in range(rounds):
+            call("ping")
+        calls = rounds / (time.perf_counter() - t)
+        blob = bytes(size)
+        n = max(20, rounds // 20)
+        t = time.perf_counter()
+        for _ in range(n):
+            call("sinkBytes", blob)
+        to_java = n * size / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(n):
+            call("echoBytes", size)
+        from_java = n * size / (time.perf_counter() - t)
+    finally:
+        backend.close()
+    print(
+        f"py4j bridge alone: {calls:,.0f} empty calls/s ({1e6 / calls:.0f} us each); "
+        f"{size // 1024} KB arrays: {to_java / 1e6:.1f} MB/s to Java, "
+        f"{from_java / 1e6:.1f} MB/s from Java",
+        flush=True,
+    )
+    return {
+        "calls_per_s": calls,
+        "mb_to_java_per_s": to_java / 1e6,
+        "mb_from_java_per_s": from_java / 1e6,
+    }
+
+
 def measure(
     name: str, url: str, clients: int, seconds: float, batch: int, metrics_port: int | None
 ) -> dict[str, Any]:
@@ -200,6 +241,7 @@ def main(
             f"bookkeeper://{cluster.zk_connect}/bench-{uuid.uuid4().hex[:8]}"
             "?ensemble=3&write=3&ack=2"
         )
+        results["bridge"] = bridge_capacity(cluster.zk_connect)
         results["bookkeeper"] = measure(
             "bookkeeper", url, clients, seconds, batch, metrics_port=_free_port()
         )

@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 pytest.importorskip("py4j")
 
@@ -40,13 +41,24 @@ def test_from_url_validates(local_bookkeeper: Any) -> None:
         BookKeeperBackend.from_url("bookkeeper://127.0.0.1:1/a?ensemble=2&write=3&ack=2")
     with pytest.raises(ConfigError):
         BookKeeperBackend.from_url("bookkeeper://127.0.0.1:1/a?bogus=1")
+    for bad in ("roll_entries=0", "roll_bytes=-1", "roll_entries=x"):
+        with pytest.raises(ConfigError):
+            BookKeeperBackend.from_url(f"bookkeeper://127.0.0.1:1/a?{bad}")
     from ledgerlog.client import open_backend
 
     b = open_backend(f"bookkeeper://{local_bookkeeper.zk_connect}/url-{uuid.uuid4().hex[:8]}")
     try:
         assert isinstance(b, BookKeeperBackend)
         assert (b.ensemble, b.write_quorum, b.ack_quorum) == (3, 3, 2)
+        assert (b.roll_entries, b.roll_bytes) == (10_000, 16 * 1024 * 1024)
+        calls = REGISTRY.get_sample_value(
+            "ledgerlog_bookkeeper_gateway_calls_total", {"method": "zkGetStat"}
+        )
         assert b.end() == START
+        after = REGISTRY.get_sample_value(
+            "ledgerlog_bookkeeper_gateway_calls_total", {"method": "zkGetStat"}
+        )
+        assert after is not None and after > (calls or 0)
     finally:
         b.close()
 

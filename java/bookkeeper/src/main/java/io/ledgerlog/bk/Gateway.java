@@ -258,6 +258,11 @@ public final class Gateway {
         return "ok";
     }
 
+    /** Returns the length of {@code data}; measures the cost of a request of a given size. */
+    public int sinkBytes(byte[] data) {
+        return data.length;
+    }
+
     /** Returns {@code n} bytes; measures the cost of a response of a given size. */
     public byte[] echoBytes(int n) {
         byte[] out = new byte[n];
