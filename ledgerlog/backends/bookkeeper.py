@@ -143,6 +143,7 @@ from ledgerlog.errors import (
     ClosedError,
     ConfigError,
     FencedError,
+    FormatError,
     NotElectedError,
 )
 from ledgerlog.model import START, Position
@@ -926,7 +927,17 @@ class BookKeeperLogWriter(LogWriter):
         if self._end_state is not None and (
             self._ledger_entries >= b.roll_entries or self._ledger_bytes >= b.roll_bytes
         ):
-            self._roll(self._end_state)
+            try:
+                SequencerState.from_bytes(self._end_state)
+            except FormatError:
+                # A header a takeover could not read would wedge the ledger: keep going in
+                # this ledger instead.
+                self._log.error(
+                    "not rolling over: the state passed with the last append is unreadable"
+                )
+                self._end_state = None
+            else:
+                self._roll(self._end_state)
         packed = pack_entries(entries)
         try:
             last = int(b.call("addEntries", self._handle, packed))
