@@ -29,6 +29,7 @@ import structlog
 
 from ledgerlog.backends.file import FileBackend
 from ledgerlog.check.procs import Proc
+from ledgerlog.check.procs import kill_all as kill_all  # re-exported for the tests
 from ledgerlog.check.procs import spawn as _spawn
 from ledgerlog.codec import WireRecord, decode_entry, encode_intake, encode_transaction
 from ledgerlog.model import START, Outcome, Put, Transaction, TxnId

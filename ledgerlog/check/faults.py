@@ -32,7 +32,7 @@ import structlog
 
 from ledgerlog.check.procs import Proc
 
-__all__ = ["FAULTS", "Nemesis", "ProcGroup", "TcpProxy"]
+__all__ = ["FAULTS", "Nemesis", "ProcGroup", "TcpProxy", "check_faults"]
 
 log = structlog.get_logger("ledgerlog.check.faults")
 
@@ -165,12 +165,14 @@ class TcpProxy:
     async def _send(self, w: asyncio.StreamWriter, data: bytes, up: bool) -> None:
         if time.monotonic() < self._delay_until:
             await asyncio.sleep(self._delay)
-        w.write(data)
-        await w.drain()
+        # Counted before the peer can see the bytes: a reader of the counters after a
+        # round trip sees them.
         if up:
             self.bytes_up += len(data)
         else:
             self.bytes_down += len(data)
+        w.write(data)
+        await w.drain()
 
     async def _raw(
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, up: bool = False
@@ -264,6 +266,31 @@ class ProcGroup:
             p.kill()
 
 
+def check_faults(
+    faults: Sequence[str],
+    *,
+    writers: object = True,
+    clients: object = True,
+    pulsar: object = None,
+    bookkeeper: object = None,
+    proxy: object = None,
+) -> None:
+    """ValueError for an unknown fault or one with nothing to act on."""
+    for f in faults:
+        if f not in FAULTS:
+            raise ValueError(f"unknown fault {f!r} (one of {', '.join(FAULTS)})")
+        need = {
+            "kill-writer": writers,
+            "pause-writer": writers,
+            "kill-client": clients,
+            "restart-broker": pulsar or bookkeeper,
+            "pause-broker": pulsar,
+            "proxy": proxy,
+        }[f]
+        if need is None:
+            raise ValueError(f"fault {f!r} needs a server or proxy this run does not have")
+
+
 @dataclass
 class Nemesis:
     """Applies `faults` one at a time from its own thread, each for a bounded time."""
@@ -282,19 +309,14 @@ class Nemesis:
     applied: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for f in self.faults:
-            if f not in FAULTS:
-                raise ValueError(f"unknown fault {f!r} (one of {', '.join(FAULTS)})")
-            need = {
-                "kill-writer": self.writers,
-                "pause-writer": self.writers,
-                "kill-client": self.clients,
-                "restart-broker": self.pulsar or self.bookkeeper,
-                "pause-broker": self.pulsar,
-                "proxy": self.proxy,
-            }[f]
-            if need is None:
-                raise ValueError(f"fault {f!r} has nothing to act on in this run")
+        check_faults(
+            self.faults,
+            writers=self.writers,
+            clients=self.clients,
+            pulsar=self.pulsar,
+            bookkeeper=self.bookkeeper,
+            proxy=self.proxy,
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
 

@@ -28,10 +28,11 @@ from typing import Any, TextIO
 
 from ledgerlog.check.bank import BankVerdict, check_bank
 from ledgerlog.check.elle import Verdict, check_list_append
-from ledgerlog.check.faults import Nemesis, ProcGroup, TcpProxy
+from ledgerlog.check.faults import Nemesis, ProcGroup, TcpProxy, check_faults
 from ledgerlog.check.history import History
 from ledgerlog.check.procs import Proc, spawn
 from ledgerlog.check.workload import (
+    WORKLOADS,
     WorkloadConfig,
     account_key,
     list_key,
@@ -224,6 +225,9 @@ def run_check(
     out: TextIO | None = None,
 ) -> RunReport:
     out = out if out is not None else sys.stdout
+    check_faults(cfg.faults, pulsar=pulsar, bookkeeper=bookkeeper, proxy=proxy)
+    if cfg.workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {cfg.workload!r} (one of {', '.join(WORKLOADS)})")
     t0 = time.monotonic()
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
