@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import random
 import re
 import signal
@@ -25,6 +26,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,6 +307,7 @@ class Nemesis:
     proxy: TcpProxy | None = None
     gap: tuple[float, float] = (1.0, 3.0)
     duration: tuple[float, float] = (1.0, 4.0)
+    limits: dict[str, int] = field(default_factory=dict)  # at most this many of a fault
     error: BaseException | None = None
     applied: list[str] = field(default_factory=list)
 
@@ -319,18 +322,46 @@ class Nemesis:
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
 
     def start(self) -> Nemesis:
         if self.faults:
             self._thread.start()
         return self
 
+    def wait(self, seconds: float) -> None:
+        """Let faults happen for `seconds`. Call from the thread that started the servers:
+        it runs their restarts (see :meth:`_in_caller`)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._serve(left)
+
     def stop(self) -> None:
         """Stop applying faults and heal everything (waits for a fault in progress)."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(300)
+        while self._thread.is_alive():
+            self._serve(0.1)
         self.heal()
+
+    def _serve(self, timeout: float) -> None:
+        try:
+            fn, fut = self._calls.get(timeout=min(timeout, 0.1))
+        except queue.Empty:
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    def _in_caller(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` in the thread serving :meth:`wait`/:meth:`stop`. The dev servers start
+        their JVMs with a parent-death signal bound to the launching *thread*: a broker or
+        bookie restarted from the nemesis thread would be SIGKILLed when it ends."""
+        if threading.current_thread() is not self._thread:
+            return fn()
+        fut: Future[Any] = Future()
+        self._calls.put((fn, fut))
+        return fut.result(timeout=600)
 
     def heal(self) -> None:
         if self.proxy is not None:
@@ -359,7 +390,12 @@ class Nemesis:
                 self._sleep(self.gap)
                 if self._stop.is_set():
                     return
-                fault = self.rng.choice(list(self.faults))
+                left = [
+                    f for f in self.faults if self.applied.count(f) < self.limits.get(f, 1 << 30)
+                ]
+                if not left:
+                    return
+                fault = self.rng.choice(left)
                 self.applied.append(fault)
                 self._apply(fault)
         except BaseException as exc:
@@ -396,14 +432,14 @@ class Nemesis:
                 self.record(fault, "kill -9 the Pulsar broker")
                 self.pulsar.kill()
                 self._sleep((0.2, 1.0))
-                self.pulsar.restart()
+                self._in_caller(self.pulsar.restart)
                 self.record(fault, "Pulsar broker restarted")
             else:
                 i = self.rng.randrange(len(self.bookkeeper.bookie_pids))
                 self.record(fault, f"kill -9 bookie {i}")
                 self.bookkeeper.kill_bookie(i)
                 self._sleep(self.duration)
-                self.bookkeeper.restart_bookie(i)
+                self._in_caller(lambda: self.bookkeeper.restart_bookie(i))
                 self.record(fault, f"bookie {i} restarted")
         elif fault == "pause-broker":
             self.record(fault, "SIGSTOP the Pulsar broker")

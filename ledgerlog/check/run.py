@@ -65,6 +65,7 @@ class RunConfig:
     timeout: float = 10.0  # a client's wait for a decision
     fault_gap: tuple[float, float] = (1.0, 3.0)
     fault_duration: tuple[float, float] = (1.0, 4.0)
+    fault_limits: dict[str, int] = field(default_factory=dict)  # e.g. {"restart-broker": 1}
 
 
 @dataclass
@@ -287,8 +288,9 @@ def run_check(
         nemesis = Nemesis(
             cfg.faults, rng, record, writers=writers, clients=clients, pulsar=pulsar,
             bookkeeper=bookkeeper, proxy=proxy, gap=cfg.fault_gap, duration=cfg.fault_duration,
+            limits=cfg.fault_limits,
         ).start()  # fmt: skip
-        time.sleep(cfg.seconds)
+        nemesis.wait(cfg.seconds)
         nemesis.stop()
         if nemesis.error is not None:
             problems.append(f"the nemesis failed: {nemesis.error!r}")
