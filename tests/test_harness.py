@@ -389,3 +389,28 @@ def test_procgroup_restart_and_leader(tmp_path: Path) -> None:
     finally:
         g.stop_all()
     assert not any(p.alive() for p in g.history)
+
+
+@pytest.mark.timeout(120)
+def test_cli_check_run_and_history(tmp_path: Path) -> None:
+    from ledgerlog.check.__main__ import main as check_main
+    from ledgerlog.cli import main
+
+    out = tmp_path / "run"
+    code = main(
+        ["check", "run", str(tmp_path / "ledger"), "--seconds", "2", "--clients", "1",
+         "--threads", "2", "--writers", "1", "--seed", "5", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    history = out / "history.json"
+    assert check_main([str(history), "--realtime"]) == 0
+    # The same file, made inconsistent: a read that disagrees with the final one.
+    ops = json.loads(history.read_text())
+    final = next(o for o in ops if o["process"] == "final" and o["type"] == "ok")
+    k, seen = next((m[1], m[2]) for m in final["value"] if len(m[2]) >= 2)
+    final["value"] = [["r", k, seen[::-1]] if m[1] == k else m for m in final["value"]]
+    history.write_text(json.dumps(ops))
+    assert check_main([str(history)]) == 1
+    # A fault with nothing to act on is a usage error, before anything starts.
+    assert main(["check", "run", str(tmp_path / "l2"), "--faults", "restart-broker"]) == 2
+    assert not (tmp_path / "l2").exists()
