@@ -299,8 +299,12 @@ def run_check(
         for p in _wait_all(clients.procs, "STOPPED", 90):
             problems.append(f"{p.name} did not stop within 90s (killed): {p.log()[-1500:]}")
             p.kill()
+        if not _wait_any(writers.procs, "ELECTED", 60) or writers.leader() is None:
+            problems.append("no writer is elected after the faults were healed")
         audit = LedgerAudit(cfg.url, **cfg.backend_options)
-        final_seq = audit.settle()
+        # Quiet for a while: killed clients' last submissions (durable in the intake) are
+        # appended by now, so every replica can stop at this seq.
+        final_seq = audit.settle(quiet=4.0)
         (run_dir / "FINAL.tmp").write_text(json.dumps({"seq": final_seq}))
         (run_dir / "FINAL.tmp").rename(run_dir / "FINAL")
         live = [p for p in clients.procs if p.alive()]
@@ -327,6 +331,10 @@ def run_check(
             nemesis.stop()
         clients.stop_all()
         writers.stop_all()
+    for p in (*writers.history, *clients.history):
+        # -9: the nemesis or a stop that timed out; anything else is a crash of its own.
+        if p.popen.returncode not in (0, -9):
+            problems.append(f"{p.name} exited with {p.popen.returncode}: {p.log()[-1500:]}")
     try:
         assert audit is not None
         final_ops = _final_read(cfg, audit, run_dir)
