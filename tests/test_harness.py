@@ -152,6 +152,7 @@ def embedded_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[di
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_embedded_run_is_valid_and_records_an_elle_history(embedded_run: Any) -> None:
     report, ops = embedded_run
     assert report.valid, report.format()
@@ -179,6 +180,7 @@ def test_embedded_run_is_valid_and_records_an_elle_history(embedded_run: Any) ->
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_broken_histories_from_a_run_are_detected(embedded_run: Any) -> None:
     _report, ops = embedded_run
     assert check_list_append(History.from_json(ops), realtime=True).valid
@@ -210,6 +212,7 @@ def test_broken_histories_from_a_run_are_detected(embedded_run: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_audit_finds_lost_and_doubled_commits(embedded_run: Any) -> None:
     report, ops = embedded_run
     audit = LedgerAudit(report.config.url)
@@ -230,6 +233,7 @@ def test_audit_finds_lost_and_doubled_commits(embedded_run: Any) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_bank_run_on_embedded_is_valid(tmp_path: Path) -> None:
     cfg = RunConfig(
         url=str(tmp_path / "ledger"),
@@ -392,6 +396,7 @@ def test_procgroup_restart_and_leader(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_cli_check_run_and_history(tmp_path: Path) -> None:
     from ledgerlog.check.__main__ import main as check_main
     from ledgerlog.cli import main

@@ -337,7 +337,10 @@ class Nemesis:
             self._serve(left)
 
     def stop(self) -> None:
-        """Stop applying faults and heal everything (waits for a fault in progress)."""
+        """Stop applying faults and heal everything (waits for a fault in progress).
+        Only the first call heals: afterwards processes exit on purpose."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         while self._thread.is_alive():
             self._serve(0.1)

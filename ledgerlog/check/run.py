@@ -80,6 +80,7 @@ class RunReport:
     final_seq: int
     digest: str
     seconds: float
+    notes: list[str] = field(default_factory=list)  # oddities that are no violation
 
     @property
     def valid(self) -> bool:
@@ -96,6 +97,7 @@ class RunReport:
             self.verdict_text.rstrip("\n"),
             f"ledger: final seq {self.final_seq}, digest {self.digest[:16]}…",
         ]
+        lines.extend(f"note: {n}" for n in self.notes)
         if self.problems:
             lines.append(f"INVALID: {len(self.problems)} ledger/replica problems")
             lines.extend(f"  {p}" for p in self.problems[:20])
@@ -331,10 +333,14 @@ def run_check(
             nemesis.stop()
         clients.stop_all()
         writers.stop_all()
+    notes: list[str] = []
     for p in (*writers.history, *clients.history):
-        # -9: the nemesis or a stop that timed out; anything else is a crash of its own.
-        if p.popen.returncode not in (0, -9):
-            problems.append(f"{p.name} exited with {p.popen.returncode}: {p.log()[-1500:]}")
+        # -9: the nemesis or a stop that timed out; anything else is a crash of its own,
+        # a problem unless it came after the process had stopped its work.
+        rc = p.popen.returncode
+        if rc not in (0, -9):
+            what = f"{p.name} (pid {p.pid}) exited with {rc}: {p.log()[-300:].strip()!r}"
+            (notes if "STOPPED" in p.log() else problems).append(what)
     try:
         assert audit is not None
         final_ops = _final_read(cfg, audit, run_dir)
@@ -364,6 +370,7 @@ def run_check(
             final_seq,
             audit.digest,
             time.monotonic() - t0,
+            notes,
         )
     finally:
         if audit is not None:
