@@ -16,7 +16,7 @@ import pytest
 from ledgerlog.check import History, check_list_append
 from ledgerlog.check.bank import check_bank
 from ledgerlog.check.faults import Nemesis, ProcGroup, TcpProxy
-from ledgerlog.check.run import LedgerAudit, RunConfig, run_check
+from ledgerlog.check.run import FINAL_PROCESS, LedgerAudit, RunConfig, run_check
 from ledgerlog.check.workload import HistoryFile, WorkloadConfig, merge_histories
 
 # -- bank checker ---------------------------------------------------------------------------
@@ -170,10 +170,10 @@ def test_embedded_run_is_valid_and_records_an_elle_history(embedded_run: Any) ->
             if any(m[0] == "append" for m in o["value"]):
                 assert "txn_id" in o
     # The final read holds every acknowledged append.
-    final = next(o for o in ops if o["process"] == "final" and o["type"] == "ok")
+    final = next(o for o in ops if o["process"] == FINAL_PROCESS and o["type"] == "ok")
     lists = {m[1]: m[2] for m in final["value"]}
     for o in ops:
-        if o["type"] == "ok" and o["f"] == "txn" and o["process"] != "final":
+        if o["type"] == "ok" and o["f"] == "txn" and o["process"] != FINAL_PROCESS:
             for m in o["value"]:
                 if m[0] == "append":
                     assert m[2] in lists[m[1]]
@@ -189,13 +189,17 @@ def test_broken_histories_from_a_run_are_detected(embedded_run: Any) -> None:
     key, value = next((m[1], m[2]) for m in failed["value"] if m[0] == "append")
     # A read that saw the failed transaction's append: G1a.
     broken = [dict(o) for o in ops]
-    final = next(o for o in broken if o["process"] == "final" and o["type"] == "ok")
+    final = next(o for o in broken if o["process"] == FINAL_PROCESS and o["type"] == "ok")
     final["value"] = [["r", m[1], [*m[2], value]] if m[1] == key else m for m in final["value"]]
     v = check_list_append(History.from_json(broken))
     assert not v.valid and "G1a" in v.anomalies, v.format()
     # Two reads of a key that disagree on its order.
-    reads = [o for o in ops if o["type"] == "ok" and o["f"] == "txn" and o["process"] != "final"
-             and any(m[0] == "r" and len(m[2]) >= 2 for m in o["value"])]  # fmt: skip
+    reads = [
+        o
+        for o in ops
+        if o["type"] == "ok" and o["f"] == "txn" and o["process"] != FINAL_PROCESS
+        and any(m[0] == "r" and len(m[2]) >= 2 for m in o["value"])
+    ]  # fmt: skip
     assert reads
     victim = reads[0]
     broken = [dict(o) for o in ops]
@@ -411,7 +415,7 @@ def test_cli_check_run_and_history(tmp_path: Path) -> None:
     assert check_main([str(history), "--realtime"]) == 0
     # The same file, made inconsistent: a read that disagrees with the final one.
     ops = json.loads(history.read_text())
-    final = next(o for o in ops if o["process"] == "final" and o["type"] == "ok")
+    final = next(o for o in ops if o["process"] == FINAL_PROCESS and o["type"] == "ok")
     k, seen = next((m[1], m[2]) for m in final["value"] if len(m[2]) >= 2)
     final["value"] = [["r", k, seen[::-1]] if m[1] == k else m for m in final["value"]]
     history.write_text(json.dumps(ops))

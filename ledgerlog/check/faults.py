@@ -16,7 +16,6 @@ fault is recorded through a callback (the harness adds them to the history as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import random
 import re
@@ -463,9 +462,3 @@ class Nemesis:
             self._stop.wait(d)
             self.proxy.heal()
             self.record(fault, "proxy healed")
-
-
-def ensure_stopped(procs: Sequence[Proc]) -> None:
-    for p in procs:
-        with contextlib.suppress(Exception):
-            p.kill()

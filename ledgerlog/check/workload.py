@@ -109,19 +109,18 @@ class WorkloadConfig:
     pause: float = 0.0  # seconds between a thread's transactions
 
 
-class Outcome:
-    """What a workload step reports: the completion's type, value and txn id."""
+@dataclass(frozen=True)
+class Completion:
+    """How an operation ended: the completion's type and value, and the txn id of what
+    was submitted (None when nothing was)."""
 
-    def __init__(
-        self, typ: str, value: Any, txn_id: str | None = None, error: str | None = None
-    ) -> None:
-        self.type = typ
-        self.value = value
-        self.txn_id = txn_id
-        self.error = error
+    type: str
+    value: Any
+    txn_id: str | None = None
+    error: str | None = None
 
 
-def _commit(db: Any, tx: Any, value: Any) -> Outcome:
+def _commit(tx: Any, value: Any) -> Completion:
     """Submit `tx`; map the result to ok / fail (the validator aborted it) / info."""
     import ledgerlog
 
@@ -129,10 +128,10 @@ def _commit(db: Any, tx: Any, value: Any) -> Outcome:
     try:
         tx.commit()
     except (ledgerlog.ConflictError, ledgerlog.TransactionAborted) as exc:
-        return Outcome("fail", value, tid, f"{type(exc).__name__}: {exc}")
+        return Completion("fail", value, tid, f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # unknown: it may still commit
-        return Outcome("info", value, tid, f"{type(exc).__name__}: {exc}")
-    return Outcome("ok", value, None if tx.read_only else tid)
+        return Completion("info", value, tid, f"{type(exc).__name__}: {exc}")
+    return Completion("ok", value, None if tx.read_only else tid)
 
 
 class ListAppend:
@@ -161,7 +160,7 @@ class ListAppend:
                 mops.append(["append", k, process * 1_000_000 + self.counter])
         return "txn", mops
 
-    def run(self, value: Any) -> Outcome:
+    def run(self, value: Any) -> Completion:
         tx = self.db.transaction()
         done: list[list[Any]] = []
         for f, k, v in value:
@@ -171,7 +170,7 @@ class ListAppend:
             else:
                 tx.put(list_key(k), [*cur, v])
                 done.append(["append", k, v])
-        return _commit(self.db, tx, done)
+        return _commit(tx, done)
 
 
 class Bank:
@@ -190,19 +189,19 @@ class Bank:
             "amount": self.rng.randint(1, self.cfg.max_transfer),
         }
 
-    def run(self, value: Any) -> Outcome:
+    def run(self, value: Any) -> Completion:
         tx = self.db.transaction()
         if value is None:
             seen = {str(a): tx.get(account_key(a)) for a in range(self.cfg.accounts)}
-            return _commit(self.db, tx, seen)
+            return _commit(tx, seen)
         src, dst, amount = value["from"], value["to"], value["amount"]
         have = tx.get(account_key(src), 0)
         if have < amount:
             tx.abandon()
-            return Outcome("fail", value, None, "insufficient funds")
+            return Completion("fail", value, None, "insufficient funds")
         tx.put(account_key(src), have - amount)
         tx.put(account_key(dst), tx.get(account_key(dst), 0) + amount)
-        return _commit(self.db, tx, value)
+        return _commit(tx, value)
 
 
 def make_workload(db: Any, cfg: WorkloadConfig, rng: random.Random) -> ListAppend | Bank:
@@ -238,7 +237,7 @@ def run_thread(
                 db.sync()
             out = work.run(value)
         except Exception as exc:  # raised before anything was submitted
-            out = Outcome("fail", value, None, f"{type(exc).__name__}: {exc}")
+            out = Completion("fail", value, None, f"{type(exc).__name__}: {exc}")
         done: dict[str, Any] = {"type": out.type, "f": f, "value": out.value, "process": process}
         if out.txn_id is not None:
             done["txn_id"] = out.txn_id
