@@ -77,6 +77,17 @@ def test_bank_final_balances_must_match_committed_transfers() -> None:
     assert any("final balances differ" in p for p in v.problems)
 
 
+def test_bank_counts_a_crashed_transfer_the_ledger_committed() -> None:
+    t = {"from": 2, "to": 0, "amount": 4}
+    ops = [*_bank_history({"0": 7, "1": 13, "2": 10}), _op(6, "invoke", "transfer", t, 2,
+           txn_id="d#1")]  # fmt: skip
+    after = {"0": 11, "1": 13, "2": 6}
+    assert check_bank(ops, initial=INITIAL, final=after, committed={"c#1", "d#1"}).valid
+    before = {"0": 7, "1": 13, "2": 10}
+    assert check_bank(ops, initial=INITIAL, final=before, committed={"c#1"}).valid
+    assert not check_bank(ops, initial=INITIAL, final=before, committed={"c#1", "d#1"}).valid
+
+
 # -- real time and sync ----------------------------------------------------------------------
 
 
@@ -113,6 +124,7 @@ def test_merge_orders_by_time_and_drops_an_unfinished_line(tmp_path: Path) -> No
     a, b = HistoryFile(tmp_path / "history-a.jsonl"), HistoryFile(tmp_path / "history-b.jsonl")
     a.write({"type": "invoke", "f": "txn", "value": [["r", 1, None]], "process": 0})
     b.write({"type": "invoke", "f": "txn", "value": [["append", 1, 5]], "process": 1})
+    b.write({"type": "submit", "process": 1, "txn_id": "b#1"})  # sent, then the crash
     a.write({"type": "ok", "f": "txn", "value": [["r", 1, []]], "process": 0})
     a.close()
     b.close()
@@ -126,6 +138,7 @@ def test_merge_orders_by_time_and_drops_an_unfinished_line(tmp_path: Path) -> No
     ]
     txns = History.from_json(ops).transactions()
     assert [t.status for t in txns] == ["ok", "info"]  # the unfinished one is unknown
+    assert ops[1]["txn_id"] == "b#1"  # traceable in the ledger
 
 
 # -- a whole run on the embedded backend -----------------------------------------------------

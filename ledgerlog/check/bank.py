@@ -52,10 +52,17 @@ def check_bank(
     total = sum(initial.values())
     problems: list[str] = []
     counts: dict[str, int] = {}
-    transfers: list[tuple[str | None, Mapping[str, Any]]] = []
+    # Every submitted transfer by txn id: from its completion, or from its invocation when
+    # the client died before completing it (the ledger decides whether it committed).
+    transfers: dict[str, Mapping[str, Any]] = {}
     for op in ops:
         f, typ = op.get("f"), op.get("type")
-        if typ == "invoke" or f not in ("read", "transfer"):
+        if f not in ("read", "transfer"):
+            continue
+        if typ == "invoke":
+            tid, value = op.get("txn_id"), op.get("value")
+            if f == "transfer" and isinstance(tid, str) and isinstance(value, Mapping):
+                transfers.setdefault(tid, value)
             continue
         counts[f"{f} {typ}"] = counts.get(f"{f} {typ}", 0) + 1
         where = f"operation {op.get('index')} (process {op.get('process')})"
@@ -83,11 +90,12 @@ def check_bank(
                     problems.append(f"{where}: ok transfer {tid} is not committed in the ledger")
                 if typ == "fail" and tid in committed:
                     problems.append(f"{where}: failed transfer {tid} committed in the ledger")
-            transfers.append((tid if isinstance(tid, str) else None, value))
+            if isinstance(tid, str):
+                transfers[tid] = value
     if final is not None and committed is not None:
         expected = dict(initial)
-        for tid, v in transfers:
-            if tid is not None and tid in committed:
+        for tid, v in transfers.items():
+            if tid in committed:
                 src, dst = str(v["from"]), str(v["to"])
                 expected[src] = expected.get(src, 0) - int(v["amount"])
                 expected[dst] = expected.get(dst, 0) + int(v["amount"])

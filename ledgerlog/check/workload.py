@@ -72,10 +72,27 @@ class HistoryFile:
 
 def read_history_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The operations of one history file; an unfinished last line (a kill mid-write) is
-    dropped."""
+    dropped. A ``submit`` line (written just before a transaction is sent) is folded into
+    its process's pending invocation as ``txn_id``: a transaction whose client died
+    before its completion stays traceable in the ledger."""
     text = Path(path).read_text(encoding="utf-8")
     lines = text.split("\n")
-    return [json.loads(line) for line in lines[:-1] if line.strip()]
+    ops: list[dict[str, Any]] = []
+    pending: dict[Any, dict[str, Any]] = {}
+    for line in lines[:-1]:
+        if not line.strip():
+            continue
+        op = json.loads(line)
+        if op["type"] == "submit":
+            if op["process"] in pending:
+                pending[op["process"]]["txn_id"] = op["txn_id"]
+            continue
+        if op["type"] == "invoke":
+            pending[op["process"]] = op
+        else:
+            pending.pop(op["process"], None)
+        ops.append(op)
+    return ops
 
 
 def merge_histories(
@@ -120,11 +137,16 @@ class Completion:
     error: str | None = None
 
 
-def _commit(tx: Any, value: Any) -> Completion:
+Announce = Callable[[str], None]
+
+
+def _commit(tx: Any, value: Any, announce: Announce) -> Completion:
     """Submit `tx`; map the result to ok / fail (the validator aborted it) / info."""
     import ledgerlog
 
     tid = txn_id_text(tx.txn_id.client_id, tx.txn_id.client_seq)
+    if not tx.read_only:
+        announce(tid)  # before it can reach the ledger: a crash from here on is "info"
     try:
         tx.commit()
     except (ledgerlog.ConflictError, ledgerlog.TransactionAborted) as exc:
@@ -160,7 +182,7 @@ class ListAppend:
                 mops.append(["append", k, process * 1_000_000 + self.counter])
         return "txn", mops
 
-    def run(self, value: Any) -> Completion:
+    def run(self, value: Any, announce: Announce) -> Completion:
         tx = self.db.transaction()
         done: list[list[Any]] = []
         for f, k, v in value:
@@ -170,7 +192,7 @@ class ListAppend:
             else:
                 tx.put(list_key(k), [*cur, v])
                 done.append(["append", k, v])
-        return _commit(tx, done)
+        return _commit(tx, done, announce)
 
 
 class Bank:
@@ -189,11 +211,11 @@ class Bank:
             "amount": self.rng.randint(1, self.cfg.max_transfer),
         }
 
-    def run(self, value: Any) -> Completion:
+    def run(self, value: Any, announce: Announce) -> Completion:
         tx = self.db.transaction()
         if value is None:
             seen = {str(a): tx.get(account_key(a)) for a in range(self.cfg.accounts)}
-            return _commit(tx, seen)
+            return _commit(tx, seen, announce)
         src, dst, amount = value["from"], value["to"], value["amount"]
         have = tx.get(account_key(src), 0)
         if have < amount:
@@ -201,7 +223,7 @@ class Bank:
             return Completion("fail", value, None, "insufficient funds")
         tx.put(account_key(src), have - amount)
         tx.put(account_key(dst), tx.get(account_key(dst), 0) + amount)
-        return _commit(tx, value)
+        return _commit(tx, value, announce)
 
 
 def make_workload(db: Any, cfg: WorkloadConfig, rng: random.Random) -> ListAppend | Bank:
@@ -229,13 +251,17 @@ def run_thread(
     rng = random.Random(seed)
     work = make_workload(db, cfg, rng)
     process = slot + stride * generation
+
+    def announce(tid: str) -> None:
+        rec.write({"type": "submit", "process": process, "txn_id": tid})
+
     while not stop():
         f, value = work.invocation(process)
         rec.write({"type": "invoke", "f": f, "value": value, "process": process, "sync": sync})
         try:
             if sync:
                 db.sync()
-            out = work.run(value)
+            out = work.run(value, announce)
         except Exception as exc:  # raised before anything was submitted
             out = Completion("fail", value, None, f"{type(exc).__name__}: {exc}")
         done: dict[str, Any] = {"type": out.type, "f": f, "value": out.value, "process": process}
