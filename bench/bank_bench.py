@@ -288,9 +288,9 @@ def _pg_process(dsn: str, w: Workload, proc: int, go: Any, q: Any) -> None:
     go.wait()
     deadline = time.monotonic() + w.seconds
     tally = _in_threads(w.threads, lambda i: _pg_thread(conns[i], w, w.rng(proc, i), deadline))
+    q.put(("result", tally))  # before closing: teardown is not the workload's time
     for c in conns:
         c.close()
-    q.put(("result", tally))
 
 
 def run_postgres(dsn: str, w: Workload) -> Result:
@@ -423,8 +423,8 @@ def _ledger_process(url: str, w: Workload, form: str, proc: int, go: Any, q: Any
     deadline = time.monotonic() + w.seconds
     work = FORMS[form]
     tally = _in_threads(w.threads, lambda i: work(db, w, w.rng(proc, i), deadline))
+    q.put(("result", tally))  # before closing: teardown is not the workload's time
     db.close()
-    q.put(("result", tally))
 
 
 def _read_balances(url: str) -> dict[int, int]:
@@ -456,7 +456,7 @@ def run_ledgerlog(url: str, w: Workload, form: str, label: str) -> Result:
     shape = (
         f"@transactional, {w.clients} threads"
         if form == "transactional"
-        else f"pipelined submit_many of {w.batch}, {w.clients} threads"
+        else f"pipelined, {w.clients} threads x submit_many of {w.batch}"
     )
     return _result(w, f"ledgerlog {label}, {shape}", tally, elapsed, final)
 
