@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import random
 import shutil
 import tempfile
@@ -54,7 +55,14 @@ from typing import Any
 
 import attrs
 
-from bench.common import load_average, pct, quiet, run_processes, writer_process
+from bench.common import (
+    load_average,
+    pct,
+    quiet,
+    run_processes,
+    tree_cpu_seconds,
+    writer_process,
+)
 
 TARGET_RATIO = 5.0
 RETRIES = 100  # per transfer, on every system; a transfer that runs out counts as given up
@@ -140,6 +148,7 @@ class Tally:
         self.attempts = 0
         self.gave_up = 0
         self.unknown = 0
+        self.cpu = 0.0  # CPU seconds of the client processes over their measured window
         self.latencies: list[float] = []
         self.deltas: collections.Counter[int] = collections.Counter()
 
@@ -154,9 +163,24 @@ class Tally:
         self.attempts += other.attempts
         self.gave_up += other.gave_up
         self.unknown += other.unknown
+        self.cpu += other.cpu
         self.latencies.extend(other.latencies)
         self.deltas.update(other.deltas)
         return self
+
+
+class _ServerCpu:
+    """CPU seconds the server processes use between the go signal and the last result."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.start = self.used = 0.0
+
+    def go(self) -> None:
+        self.start = tree_cpu_seconds(self.pids)
+
+    def done(self) -> None:
+        self.used = tree_cpu_seconds(self.pids) - self.start
 
 
 def _in_threads(n: int, work: Callable[[int], Tally]) -> Tally:
@@ -192,12 +216,26 @@ class Result:
     elapsed: float
     p50_ms: float
     p99_ms: float
+    client_cpu: float  # CPU seconds of the client processes, go to end
+    server_cpu: float  # CPU seconds of the servers (PostgreSQL; writer + broker), same window
     balances_ok: bool
     check: str  # what the balance check found
 
     @property
     def rate(self) -> float:
         return self.committed / self.elapsed if self.elapsed > 0 else 0.0
+
+    def cpu_us(self) -> tuple[float, float]:
+        """CPU microseconds per committed transfer: (clients, servers)."""
+        n = max(self.committed, 1)
+        return 1e6 * self.client_cpu / n, 1e6 * self.server_cpu / n
+
+    @property
+    def cpu_ceiling(self) -> float:
+        """Commits/s if every core of this machine did nothing else (CPU per commit as
+        measured): what the system could reach here when it is CPU-bound."""
+        used = self.client_cpu + self.server_cpu
+        return (os.cpu_count() or 1) * self.committed / used if used > 0 else 0.0
 
     @property
     def abort_share(self) -> float:
@@ -206,7 +244,14 @@ class Result:
         return aborted / self.attempts if self.attempts else 0.0
 
 
-def _result(w: Workload, label: str, tally: Tally, elapsed: float, final: dict[int, int]) -> Result:
+def _result(
+    w: Workload,
+    label: str,
+    tally: Tally,
+    elapsed: float,
+    server_cpu: float,
+    final: dict[int, int],
+) -> Result:
     lat = sorted(tally.latencies)
     ok, check = check_balances(w, final, tally)
     return Result(
@@ -218,6 +263,8 @@ def _result(w: Workload, label: str, tally: Tally, elapsed: float, final: dict[i
         elapsed=elapsed,
         p50_ms=1000 * pct(lat, 0.50),
         p99_ms=1000 * pct(lat, 0.99),
+        client_cpu=tally.cpu,
+        server_cpu=server_cpu,
         balances_ok=ok,
         check=check,
     )
@@ -286,15 +333,18 @@ def _pg_process(dsn: str, w: Workload, proc: int, go: Any, q: Any) -> None:
         c.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
     q.put(("ready", None))
     go.wait()
+    cpu = time.process_time()
     deadline = time.monotonic() + w.seconds
     tally = _in_threads(w.threads, lambda i: _pg_thread(conns[i], w, w.rng(proc, i), deadline))
+    tally.cpu = time.process_time() - cpu
     q.put(("result", tally))  # before closing: teardown is not the workload's time
     for c in conns:
         c.close()
 
 
-def run_postgres(dsn: str, w: Workload) -> Result:
-    """The workload on the (empty) database `dsn`: creates the table, runs, checks."""
+def run_postgres(dsn: str, w: Workload, server_pids: Sequence[int] = ()) -> Result:
+    """The workload on the (empty) database `dsn`: creates the table, runs, checks.
+    `server_pids`: the postmaster, to measure the server's CPU (its backends included)."""
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -308,7 +358,13 @@ def run_postgres(dsn: str, w: Workload) -> Result:
         # row-level predicate locks rather than a whole-relation lock.
         conn.execute("VACUUM ANALYZE acct")
         version = conn.execute("SHOW server_version").fetchone()
-    results, elapsed = run_processes(_pg_process, [(dsn, w, p) for p in range(w.processes)])
+    cpu = _ServerCpu(server_pids)
+    results, elapsed = run_processes(
+        _pg_process,
+        [(dsn, w, p) for p in range(w.processes)],
+        on_go=cpu.go,
+        on_done=cpu.done,
+    )
     tally = Tally()
     for r in results:
         tally.merge(r)
@@ -316,7 +372,7 @@ def run_postgres(dsn: str, w: Workload) -> Result:
         final = dict(conn.execute("SELECT id, balance FROM acct").fetchall())
     major = (version[0] if version else "?").split()[0].split(".")[0]
     label = f"PostgreSQL {major} SERIALIZABLE, {w.clients} connections"
-    return _result(w, label, tally, elapsed, final)
+    return _result(w, label, tally, elapsed, cpu.used, final)
 
 
 @contextlib.contextmanager
@@ -420,9 +476,11 @@ def _ledger_process(url: str, w: Workload, form: str, proc: int, go: Any, q: Any
     db.sync(120)
     q.put(("ready", None))
     go.wait()
+    cpu = time.process_time()
     deadline = time.monotonic() + w.seconds
     work = FORMS[form]
     tally = _in_threads(w.threads, lambda i: work(db, w, w.rng(proc, i), deadline))
+    tally.cpu = time.process_time() - cpu
     q.put(("result", tally))  # before closing: teardown is not the workload's time
     db.close()
 
@@ -435,11 +493,14 @@ def _read_balances(url: str) -> dict[int, int]:
         return {int(k.split(":", 1)[1]): v for k, v in db.range("acct:", "acct;")}
 
 
-def run_ledgerlog(url: str, w: Workload, form: str, label: str) -> Result:
-    """The workload on a fresh ledger `url`, with its own ``ledgerlog writer`` process."""
+def run_ledgerlog(
+    url: str, w: Workload, form: str, label: str, server_pids: Sequence[int] = ()
+) -> Result:
+    """The workload on a fresh ledger `url`, with its own ``ledgerlog writer`` process;
+    `server_pids` (a broker) are measured for CPU with the writer."""
     import ledgerlog
 
-    with writer_process(url):
+    with writer_process(url) as writer:
         with ledgerlog.open(url, writer=None, client_id="bank-init", timeout=60) as db:
             db.wait_writer(120)
             for lo in range(0, w.accounts, 2_000):
@@ -448,7 +509,8 @@ def run_ledgerlog(url: str, w: Workload, form: str, label: str) -> Result:
                     tx.put(_acct(i), w.balance)
                 tx.commit(60)
         argses = [(url, w, form, p) for p in range(w.processes)]
-        results, elapsed = run_processes(_ledger_process, argses)
+        cpu = _ServerCpu([writer.pid, *server_pids])
+        results, elapsed = run_processes(_ledger_process, argses, on_go=cpu.go, on_done=cpu.done)
         tally = Tally()
         for r in results:
             tally.merge(r)
@@ -458,7 +520,7 @@ def run_ledgerlog(url: str, w: Workload, form: str, label: str) -> Result:
         if form == "transactional"
         else f"pipelined, {w.clients} threads x submit_many of {w.batch}"
     )
-    return _result(w, f"ledgerlog {label}, {shape}", tally, elapsed, final)
+    return _result(w, f"ledgerlog {label}, {shape}", tally, elapsed, cpu.used, final)
 
 
 def run_embedded(w: Workload, form: str) -> Result:
@@ -469,28 +531,35 @@ def run_embedded(w: Workload, form: str) -> Result:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_pulsar(service_url: str, w: Workload, form: str) -> Result:
+def run_pulsar(service_url: str, w: Workload, form: str, broker_pids: Sequence[int] = ()) -> Result:
     url = f"{service_url}/public/default/bank-{uuid.uuid4().hex[:10]}"
-    return run_ledgerlog(url, w, form, "on Pulsar")
+    return run_ledgerlog(url, w, form, "on Pulsar", broker_pids)
 
 
 # -- report -----------------------------------------------------------------------------------
 
 
 def _line(r: Result) -> str:
+    cpu_clients, cpu_servers = r.cpu_us()
     return (
         f"  {r.label:<70} {r.rate:>9,.0f} {r.abort_share:>7.1%} {r.p50_ms:>8.1f} "
-        f"{r.p99_ms:>8.1f}  {r.check}" + (f" ({r.gave_up} gave up)" if r.gave_up else "")
+        f"{r.p99_ms:>8.1f} {cpu_clients:>6.0f} {cpu_servers:>6.0f} {r.cpu_ceiling:>8,.0f}  "
+        f"{r.check}" + (f" ({r.gave_up} gave up)" if r.gave_up else "")
     )
 
 
 def report(w: Workload, results: dict[str, Result]) -> dict[str, Any]:
     print(
         f"  {'system, client shape':<70} {'commit/s':>9} {'aborts':>7} {'p50 ms':>8} "
-        f"{'p99 ms':>8}  balances"
+        f"{'p99 ms':>8} {'cpu/c':>6} {'cpu/s':>6} {'cpu max':>8}  balances"
     )
     for r in results.values():
         print(_line(r), flush=True)
+    print(
+        f"  cpu/c, cpu/s: CPU us per commit in the client processes / in the servers "
+        f"(PostgreSQL; ledgerlog's writer process, and the broker JVM on Pulsar); cpu max: "
+        f"commits/s if all {os.cpu_count()} cores did only this"
+    )
     pg = results.get("postgres")
     verdict: dict[str, Any] = {}
     if pg is None or not pg.rate:
@@ -526,6 +595,9 @@ def main(
     quiet()
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(postgres_server()) if "postgres" in systems else None
+        if pg is not None:
+            settings = ", ".join(f"{k}={v}" for k, v in PG_SETTINGS.items())
+            print(f"PostgreSQL: fsync, synchronous_commit, full_page_writes on; {settings}")
         broker = None
         if "pulsar" in systems:
             from ledgerlog.devservers.pulsar import LocalPulsar
@@ -544,12 +616,14 @@ def main(
             results: dict[str, Result] = {}
             if pg is not None:
                 dsn = pg.create_database(f"bank_{uuid.uuid4().hex[:8]}")
-                results["postgres"] = run_postgres(dsn, w)
+                results["postgres"] = run_postgres(dsn, w, [pg.pid] if pg.pid else [])
             for form in forms:
                 if "embedded" in systems:
                     results[f"embedded-{form}"] = run_embedded(w, form)
                 if broker is not None:
-                    results[f"pulsar-{form}"] = run_pulsar(broker.service_url, w, form)
+                    results[f"pulsar-{form}"] = run_pulsar(
+                        broker.service_url, w, form, [broker.pid]
+                    )
             verdict = report(w, results)
             print(f"  (load average after: {load_average()})", flush=True)
             out[name] = {"results": results, "verdict": verdict}

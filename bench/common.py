@@ -10,7 +10,7 @@ import queue
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 
@@ -56,12 +56,15 @@ def run_processes(
     *,
     ready_timeout: float = 180.0,
     result_timeout: float = 240.0,
+    on_go: Callable[[], None] | None = None,
+    on_done: Callable[[], None] | None = None,
 ) -> tuple[list[Any], float]:
     """Start one spawned process per args tuple, each running ``target(*args, go, q)``;
     a target puts ``("ready", None)`` on `q` once set up, waits for `go`, does its work
     and puts ``("result", value)``. Returns the results (in arrival order) and the
     seconds from the go signal to the last result, so set-up (a replica catching up, a
-    broker connection) stays out of the measured window."""
+    broker connection) stays out of the measured window. `on_go` runs just before the
+    signal and `on_done` just after the last result (to measure around the window)."""
     ctx = mp.get_context("spawn")
     q, go = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=target, args=(*a, go, q), daemon=True) for a in argses]
@@ -71,6 +74,8 @@ def run_processes(
         for _ in procs:
             kind, _value = get_result(q, procs, ready_timeout)
             assert kind == "ready", kind
+        if on_go is not None:
+            on_go()
         started = time.monotonic()
         go.set()
         results = []
@@ -79,6 +84,8 @@ def run_processes(
             assert kind == "result", kind
             results.append(value)
         elapsed = time.monotonic() - started
+        if on_done is not None:
+            on_done()
         for p in procs:
             p.join(60)
         return results, elapsed
@@ -108,6 +115,32 @@ def writer_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+def tree_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes, their live descendants
+    and the children they have reaped (a server's exited backends). Take the difference
+    of two calls; needs psutil (a test extra, installed by scripts/setup)."""
+    import psutil
+
+    total = 0.0
+    seen: set[int] = set()
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in tree:
+            if proc.pid in seen:
+                continue
+            seen.add(proc.pid)
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def load_average() -> str:
