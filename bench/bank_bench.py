@@ -170,17 +170,19 @@ class Tally:
 
 
 class _ServerCpu:
-    """CPU seconds the server processes use between the go signal and the last result."""
+    """CPU seconds each named server process tree uses between the go signal and the
+    last result."""
 
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = list(pids)
-        self.start = self.used = 0.0
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start: dict[str, float] = {}
+        self.used: dict[str, float] = {}
 
     def go(self) -> None:
-        self.start = tree_cpu_seconds(self.pids)
+        self.start = {k: tree_cpu_seconds([p]) for k, p in self.pids.items()}
 
     def done(self) -> None:
-        self.used = tree_cpu_seconds(self.pids) - self.start
+        self.used = {k: tree_cpu_seconds([p]) - self.start[k] for k, p in self.pids.items()}
 
 
 def _in_threads(n: int, work: Callable[[int], Tally]) -> Tally:
@@ -217,7 +219,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     client_cpu: float  # CPU seconds of the client processes, go to end
-    server_cpu: float  # CPU seconds of the servers (PostgreSQL; writer + broker), same window
+    server_cpu: dict[str, float]  # CPU seconds per server (postgres; writer, broker)
     balances_ok: bool
     check: str  # what the balance check found
 
@@ -228,13 +230,13 @@ class Result:
     def cpu_us(self) -> tuple[float, float]:
         """CPU microseconds per committed transfer: (clients, servers)."""
         n = max(self.committed, 1)
-        return 1e6 * self.client_cpu / n, 1e6 * self.server_cpu / n
+        return 1e6 * self.client_cpu / n, 1e6 * sum(self.server_cpu.values()) / n
 
     @property
     def cpu_ceiling(self) -> float:
         """Commits/s if every core of this machine did nothing else (CPU per commit as
         measured): what the system could reach here when it is CPU-bound."""
-        used = self.client_cpu + self.server_cpu
+        used = self.client_cpu + sum(self.server_cpu.values())
         return (os.cpu_count() or 1) * self.committed / used if used > 0 else 0.0
 
     @property
@@ -249,7 +251,7 @@ def _result(
     label: str,
     tally: Tally,
     elapsed: float,
-    server_cpu: float,
+    server_cpu: dict[str, float],
     final: dict[int, int],
 ) -> Result:
     lat = sorted(tally.latencies)
@@ -342,9 +344,9 @@ def _pg_process(dsn: str, w: Workload, proc: int, go: Any, q: Any) -> None:
         c.close()
 
 
-def run_postgres(dsn: str, w: Workload, server_pids: Sequence[int] = ()) -> Result:
+def run_postgres(dsn: str, w: Workload, postmaster: int | None = None) -> Result:
     """The workload on the (empty) database `dsn`: creates the table, runs, checks.
-    `server_pids`: the postmaster, to measure the server's CPU (its backends included)."""
+    `postmaster`: its pid, to measure the server's CPU (its backends included)."""
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -358,7 +360,7 @@ def run_postgres(dsn: str, w: Workload, server_pids: Sequence[int] = ()) -> Resu
         # row-level predicate locks rather than a whole-relation lock.
         conn.execute("VACUUM ANALYZE acct")
         version = conn.execute("SHOW server_version").fetchone()
-    cpu = _ServerCpu(server_pids)
+    cpu = _ServerCpu({"postgres": postmaster} if postmaster else {})
     results, elapsed = run_processes(
         _pg_process,
         [(dsn, w, p) for p in range(w.processes)],
@@ -494,10 +496,10 @@ def _read_balances(url: str) -> dict[int, int]:
 
 
 def run_ledgerlog(
-    url: str, w: Workload, form: str, label: str, server_pids: Sequence[int] = ()
+    url: str, w: Workload, form: str, label: str, broker: int | None = None
 ) -> Result:
     """The workload on a fresh ledger `url`, with its own ``ledgerlog writer`` process;
-    `server_pids` (a broker) are measured for CPU with the writer."""
+    the writer's CPU is measured, and the `broker` process's if given."""
     import ledgerlog
 
     with writer_process(url) as writer:
@@ -509,7 +511,7 @@ def run_ledgerlog(
                     tx.put(_acct(i), w.balance)
                 tx.commit(60)
         argses = [(url, w, form, p) for p in range(w.processes)]
-        cpu = _ServerCpu([writer.pid, *server_pids])
+        cpu = _ServerCpu({"writer": writer.pid, **({"broker": broker} if broker else {})})
         results, elapsed = run_processes(_ledger_process, argses, on_go=cpu.go, on_done=cpu.done)
         tally = Tally()
         for r in results:
@@ -531,9 +533,9 @@ def run_embedded(w: Workload, form: str) -> Result:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_pulsar(service_url: str, w: Workload, form: str, broker_pids: Sequence[int] = ()) -> Result:
+def run_pulsar(service_url: str, w: Workload, form: str, broker: int | None = None) -> Result:
     url = f"{service_url}/public/default/bank-{uuid.uuid4().hex[:10]}"
-    return run_ledgerlog(url, w, form, "on Pulsar", broker_pids)
+    return run_ledgerlog(url, w, form, "on Pulsar", broker)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -560,6 +562,10 @@ def report(w: Workload, results: dict[str, Result]) -> dict[str, Any]:
         f"(PostgreSQL; ledgerlog's writer process, and the broker JVM on Pulsar); cpu max: "
         f"commits/s if all {os.cpu_count()} cores did only this"
     )
+    for key, r in results.items():
+        n = max(r.committed, 1)
+        parts = ", ".join(f"{k} {1e6 * v / n:,.0f}" for k, v in r.server_cpu.items())
+        print(f"  server CPU us per commit, {key}: {parts}")
     pg = results.get("postgres")
     verdict: dict[str, Any] = {}
     if pg is None or not pg.rate:
@@ -616,14 +622,12 @@ def main(
             results: dict[str, Result] = {}
             if pg is not None:
                 dsn = pg.create_database(f"bank_{uuid.uuid4().hex[:8]}")
-                results["postgres"] = run_postgres(dsn, w, [pg.pid] if pg.pid else [])
+                results["postgres"] = run_postgres(dsn, w, pg.pid)
             for form in forms:
                 if "embedded" in systems:
                     results[f"embedded-{form}"] = run_embedded(w, form)
                 if broker is not None:
-                    results[f"pulsar-{form}"] = run_pulsar(
-                        broker.service_url, w, form, [broker.pid]
-                    )
+                    results[f"pulsar-{form}"] = run_pulsar(broker.service_url, w, form, broker.pid)
             verdict = report(w, results)
             print(f"  (load average after: {load_average()})", flush=True)
             out[name] = {"results": results, "verdict": verdict}
