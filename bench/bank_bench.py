@@ -574,6 +574,16 @@ def report(w: Workload, results: dict[str, Result]) -> dict[str, Any]:
         if key != "postgres":
             verdict[key] = r.rate / pg.rate
     print("  ratios to PostgreSQL: " + ", ".join(f"{k} {v:.2f}x" for k, v in verdict.items()))
+    if pg.cpu_ceiling:
+        # Less sensitive to other load than the rates (systems run one after another).
+        print(
+            "  ratios of the CPU-bound ceilings: "
+            + ", ".join(
+                f"{k} {r.cpu_ceiling / pg.cpu_ceiling:.2f}x"
+                for k, r in results.items()
+                if k != "postgres"
+            )
+        )
     for form in FORMS:
         r = results.get(f"pulsar-{form}")
         if r is None:
