@@ -3,7 +3,7 @@
 No timing is asserted: these prove the workload runs on real processes (a ``ledgerlog
 writer`` and client processes, fsync on) and that the final balances check passes there,
 and that the check itself catches lost or invented money. PostgreSQL and Pulsar get the
-same smoke run in integration/test_bank_bench.py.
+same smoke run in integration/test_bank_servers.py.
 """
 
 from __future__ import annotations
