@@ -98,11 +98,11 @@ def run_processes(
 
 @contextlib.contextmanager
 def writer_process(
-    target: str, writer_id: str = "bench-writer"
+    target: str, writer_id: str = "bench-writer", options: Sequence[str] = ()
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A ``ledgerlog writer TARGET`` process for the duration of the block."""
+    """A ``ledgerlog [OPTIONS] writer TARGET`` process for the duration of the block."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ledgerlog", "writer", target, "--writer-id", writer_id],
+        [sys.executable, "-m", "ledgerlog", *options, "writer", target, "--writer-id", writer_id],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
