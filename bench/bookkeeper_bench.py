@@ -20,12 +20,9 @@ Run: ``python -m bench.bookkeeper_bench [--seconds 8] [--clients 2] [--no-pulsar
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import random
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -33,7 +30,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bench.pulsar_bench import _get, _paced, _pct, _peak, _quiet
+from bench.common import pct as _pct
+from bench.common import quiet as _quiet
+from bench.common import run_processes, writer_process
+from bench.pulsar_bench import _paced, _peak
 
 Bridge = tuple[float, float, float, float]  # calls, bytes to Java, bytes from Java, seconds
 
@@ -59,33 +59,16 @@ def _client(url: str, idx: int, mode: str, arg: float, seconds: float, go: Any, 
     result = (_peak if mode == "peak" else _paced)(db, rnd, arg, seconds)
     after = _bridge_of(db)
     result["bridge"] = tuple(b - a for a, b in zip(before, after, strict=True))
-    q.put(("done", result))
+    q.put(("result", result))
     db.close()
 
 
 def _run_clients(
     url: str, clients: int, mode: str, arg: float, seconds: float
 ) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    q, go = ctx.Queue(), ctx.Event()
-    procs = [
-        ctx.Process(target=_client, args=(url, i, mode, arg, seconds, go, q), daemon=True)
-        for i in range(clients)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        for _ in procs:
-            assert _get(q, procs, 180)[0] == "ready"
-        go.set()
-        results = [_get(q, procs, seconds + 180)[1] for _ in procs]
-        for p in procs:
-            p.join(60)
-        return results
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    argses = [(url, i, mode, arg, seconds) for i in range(clients)]
+    results: list[dict[str, Any]] = run_processes(_client, argses, result_timeout=seconds + 180)[0]
+    return results
 
 
 def _free_port() -> int:
@@ -116,25 +99,14 @@ def _scrape(port: int | None) -> Bridge:
 def _writer(url: str, metrics_port: int | None) -> Iterator[None]:
     import ledgerlog
 
-    cmd = [sys.executable, "-m", "ledgerlog"]
-    if metrics_port is not None:
-        cmd += ["--metrics-port", str(metrics_port)]
-    cmd += ["writer", url, "--writer-id", "bench-writer"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    options = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
+    with writer_process(url, options=options):
         db = ledgerlog.open(url, writer=None, client_id="bench-init", timeout=60)
         try:
             db.wait_writer(120)
         finally:
             db.close()
         yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
 
 
 def _bridge_line(label: str, b: Bridge, seconds: float, procs: int) -> str:
