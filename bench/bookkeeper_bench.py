@@ -1,179 +1,240 @@
-"""BookKeeper backend beside the Pulsar backend, on the same machine in one run.
+"""BookKeeper backend end to end, multi-process, beside the Pulsar backend in one run.
 
-Workload (the same for both backends, all in this process): one elected ``Writer`` thread,
-one ``Reader`` that validates the ledger and records when each transaction's decision is
-seen, and ``clients`` submitter threads, each submitting intake batches of ``batch``
-single-key writes in a closed loop. Figures: committed transactions/s (decisions seen by
-the reader), and commit latency p50/p99 from a batch's submit call to its decision, in a
-second, paced phase at about half the closed-loop rate. For BookKeeper, the py4j bridge's
-own cost is shown separately: calls/s, bytes/s each way and the share of wall time spent
-inside gateway calls (summed over threads).
+For each backend: a ``ledgerlog writer URL`` process and ``clients`` client processes
+that pipeline transfers (read two balances, write two) with ``Client.submit_many``; a
+transfer counts once its commit decision is seen on the client's own replica (the same
+client code as ``pulsar_bench``). Phases: closed loop (peak committed txn/s), then the
+same clients paced at about half of it for commit latency p50/p99 (from a transaction's
+scheduled submit time to its decision).
 
-Run: ``python -m bench.bookkeeper_bench [--seconds 8] [--no-pulsar]``. It starts and stops a
-ZooKeeper + 3 bookies (3/3/2) and, unless ``--no-pulsar``, a Pulsar standalone.
+BookKeeper runs on ZooKeeper + 4 bookies (3/3/2, journal fsync on); Pulsar on a local
+standalone. The py4j bridge's own cost is shown separately, per process kind: calls/s,
+MB/s each way and the seconds spent inside gateway calls per second (summed over
+threads) — the writer's from its ``--metrics-port`` (``ledgerlog_bookkeeper_gateway_*``),
+the clients' from ``BookKeeperBackend.bridge_stats()`` — beside what the bridge alone
+carries in the same run (empty round trips/s, MB/s of 64 KB arrays each way).
+
+Run: ``python -m bench.bookkeeper_bench [--seconds 8] [--clients 2] [--no-pulsar]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import threading
+import os
+import random
+import socket
 import time
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from ledgerlog.backends.base import Backend
-from ledgerlog.codec import encode_intake, encode_transaction
-from ledgerlog.model import Outcome, Put, Transaction, TxnId
-from ledgerlog.reader import Reader
-from ledgerlog.writer import Writer
+from bench.common import pct as _pct
+from bench.common import quiet as _quiet
+from bench.common import run_processes, writer_process
+from bench.pulsar_bench import _paced, _peak
+
+Bridge = tuple[float, float, float, float]  # calls, bytes to Java, bytes from Java, seconds
 
 
-def _workload(
-    open_backend: Callable[[], Backend], seconds: float, clients: int, batch: int, rate: float
-) -> dict[str, float]:
-    """Closed loop when rate == 0, else about `rate` txn/s in all (paced)."""
-    wb, rb = open_backend(), open_backend()
-    writer = Writer(wb, "bench-writer").start()
-    assert writer.elected.wait(60), "writer not elected"
-    reader = Reader(rb, name="bench")
-    seen: dict[tuple[str, int], float] = {}
-    sent: dict[tuple[str, int], float] = {}
-    stop = threading.Event()
-    lock = threading.Lock()
+def _bridge_of(db: Any) -> Bridge:
+    stats = getattr(db.backend, "bridge_stats", None)
+    if stats is None:
+        return (0.0, 0.0, 0.0, 0.0)
+    s = stats()
+    return (s.calls, s.bytes_to_java, s.bytes_from_java, s.seconds)
 
-    def read_loop() -> None:
-        while not stop.is_set():
-            for res in reader.poll(timeout=0.05):
-                now = time.perf_counter()
-                for d in res.decisions:
-                    if d.outcome is Outcome.COMMITTED and d.txn_id is not None:
-                        seen[(d.txn_id.client_id, d.txn_id.client_seq)] = now
 
-    def submit_loop(idx: int) -> None:
-        cid = f"c{idx}-{uuid.uuid4().hex[:6]}"
-        producer = rb.intake_producer(cid)
-        seq = 0
-        interval = clients * batch / rate if rate else 0.0
-        next_at = time.perf_counter()
+def _client(url: str, idx: int, mode: str, arg: float, seconds: float, go: Any, q: Any) -> None:
+    _quiet()
+    import ledgerlog
+
+    db = ledgerlog.open(url, writer=None, client_id=f"bench-{mode}-{idx}", timeout=60)
+    db.sync(120)
+    rnd = random.Random(idx * 7919 + (mode == "paced"))
+    q.put(("ready", 0))
+    go.wait()
+    before = _bridge_of(db)
+    result = (_peak if mode == "peak" else _paced)(db, rnd, arg, seconds)
+    after = _bridge_of(db)
+    result["bridge"] = tuple(b - a for a, b in zip(before, after, strict=True))
+    q.put(("result", result))
+    db.close()
+
+
+def _run_clients(
+    url: str, clients: int, mode: str, arg: float, seconds: float
+) -> list[dict[str, Any]]:
+    argses = [(url, i, mode, arg, seconds) for i in range(clients)]
+    results: list[dict[str, Any]] = run_processes(_client, argses, result_timeout=seconds + 180)[0]
+    return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int | None) -> Bridge:
+    """The writer process's gateway counters from its metrics endpoint."""
+    if port is None:
+        return (0.0, 0.0, 0.0, 0.0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    calls = to_java = from_java = seconds = 0.0
+    for line in text.splitlines():
+        if line.startswith("ledgerlog_bookkeeper_gateway_calls_total{"):
+            calls += float(line.rsplit(" ", 1)[1])
+        elif line.startswith('ledgerlog_bookkeeper_gateway_bytes_total{direction="to_java"}'):
+            to_java = float(line.rsplit(" ", 1)[1])
+        elif line.startswith('ledgerlog_bookkeeper_gateway_bytes_total{direction="from_java"}'):
+            from_java = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ledgerlog_bookkeeper_gateway_call_seconds_total "):
+            seconds = float(line.rsplit(" ", 1)[1])
+    return (calls, to_java, from_java, seconds)
+
+
+@contextmanager
+def _writer(url: str, metrics_port: int | None) -> Iterator[None]:
+    import ledgerlog
+
+    options = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
+    with writer_process(url, options=options):
+        db = ledgerlog.open(url, writer=None, client_id="bench-init", timeout=60)
         try:
-            while not stop.is_set():
-                if interval:
-                    delay = next_at - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-                    next_at += interval
-                txns = [
-                    encode_transaction(
-                        Transaction(TxnId(cid, seq + i), 0, writes=[Put(f"{cid}-{seq + i}", i)])
-                    )
-                    for i in range(batch)
-                ]
-                t = time.perf_counter()
-                producer.submit(encode_intake(txns))
-                with lock:
-                    for i in range(batch):
-                        sent[(cid, seq + i)] = t
-                seq += batch
+            db.wait_writer(120)
         finally:
-            producer.close()
+            db.close()
+        yield
 
-    threads = [threading.Thread(target=read_loop)]
-    threads += [threading.Thread(target=submit_loop, args=(i,)) for i in range(clients)]
-    stats0 = _bridge(wb, rb)
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    elapsed = time.perf_counter() - t0
-    stats1 = _bridge(wb, rb)
-    committed = sum(1 for k in seen if k in sent)
-    lat = sorted((seen[k] - sent[k]) * 1000 for k in sent if k in seen)
-    writer.stop()
-    reader.close()
-    wb.close()
-    rb.close()
-    out = {
-        "txn_per_s": committed / elapsed,
-        "p50_ms": statistics.median(lat) if lat else float("nan"),
-        "p99_ms": lat[int(len(lat) * 0.99) - 1] if len(lat) > 1 else float("nan"),
+
+def _bridge_line(label: str, b: Bridge, seconds: float, procs: int) -> str:
+    calls, to_java, from_java, inside = (x / seconds for x in b)
+    return (
+        f"  py4j bridge, {label} ({procs} process{'es' if procs > 1 else ''}): "
+        f"{calls:,.0f} calls/s, {to_java / 1e6:.2f} MB/s to Java, "
+        f"{from_java / 1e6:.2f} MB/s from Java, {inside:.2f} s inside calls per s"
+        + (f", {to_java / calls:,.0f} B to Java per call" if calls else "")
+    )
+
+
+def bridge_capacity(zk_connect: str, rounds: int = 2000, size: int = 64 * 1024) -> dict[str, float]:
+    """What the py4j bridge alone can carry, in this run: empty round trips per second and
+    MB/s of ``size``-byte arrays each way, through the backend's own call path."""
+    from ledgerlog.backends.bookkeeper import BookKeeperBackend
+
+    backend = BookKeeperBackend(zk_connect, "bench-bridge")
+    try:
+        call = backend.call
+        for _ in range(200):
+            call("ping")
+        t = time.perf_counter()
+        for _ in range(rounds):
+            call("ping")
+        calls = rounds / (time.perf_counter() - t)
+        blob = bytes(size)
+        n = max(20, rounds // 20)
+        t = time.perf_counter()
+        for _ in range(n):
+            call("sinkBytes", blob)
+        to_java = n * size / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(n):
+            call("echoBytes", size)
+        from_java = n * size / (time.perf_counter() - t)
+    finally:
+        backend.close()
+    print(
+        f"py4j bridge alone: {calls:,.0f} empty calls/s ({1e6 / calls:.0f} us each); "
+        f"{size // 1024} KB arrays: {to_java / 1e6:.1f} MB/s to Java, "
+        f"{from_java / 1e6:.1f} MB/s from Java",
+        flush=True,
+    )
+    return {
+        "calls_per_s": calls,
+        "mb_to_java_per_s": to_java / 1e6,
+        "mb_from_java_per_s": from_java / 1e6,
     }
-    if stats0 is not None and stats1 is not None:
-        out["gw_calls_per_s"] = (stats1[0] - stats0[0]) / elapsed
-        out["gw_mb_to_java_per_s"] = (stats1[1] - stats0[1]) / elapsed / 1e6
-        out["gw_mb_from_java_per_s"] = (stats1[2] - stats0[2]) / elapsed / 1e6
-        out["gw_call_seconds_per_s"] = (stats1[3] - stats0[3]) / elapsed
+
+
+def measure(
+    name: str, url: str, clients: int, seconds: float, batch: int, metrics_port: int | None
+) -> dict[str, Any]:
+    with _writer(url, metrics_port):
+        _run_clients(url, clients, "peak", batch, min(2.0, seconds))  # warm-up (JIT, caches)
+        w0 = _scrape(metrics_port)
+        peak = _run_clients(url, clients, "peak", batch, seconds)
+        w1 = _scrape(metrics_port)
+        rate = sum(r["committed"] for r in peak) / seconds
+        paced = _run_clients(url, clients, "paced", max(rate / 2, 20.0) / clients, seconds)
+        w2 = _scrape(metrics_port)
+    lat = sorted(x for r in paced for x in r["latencies"])
+    out: dict[str, Any] = {
+        "committed_per_s": rate,
+        "aborted": sum(r["aborted"] for r in peak),
+        "paced_per_s": sum(r["committed"] for r in paced) / seconds,
+        "p50_ms": 1000 * _pct(lat, 0.50),
+        "p99_ms": 1000 * _pct(lat, 0.99),
+    }
+    print(
+        f"{name:<10} closed loop, {clients} client processes + 1 writer process: "
+        f"{rate:>8,.0f} committed txn/s ({out['aborted']:,} aborted; submit_many of {batch}) "
+        f"| paced at {out['paced_per_s']:,.0f} txn/s: p50 {out['p50_ms']:.1f} ms, "
+        f"p99 {out['p99_ms']:.1f} ms ({len(lat):,} measured)",
+        flush=True,
+    )
+    if metrics_port is not None:
+        for phase, rs, wa, wb in (("closed", peak, w0, w1), ("paced", paced, w1, w2)):
+            c = [sum(r["bridge"][i] for r in rs) for i in range(4)]
+            clients_b: Bridge = (c[0], c[1], c[2], c[3])
+            writer_b: Bridge = (wb[0] - wa[0], wb[1] - wa[1], wb[2] - wa[2], wb[3] - wa[3])
+            out[f"bridge_{phase}_writer"] = writer_b
+            out[f"bridge_{phase}_clients"] = clients_b
+            print(_bridge_line(f"{phase}, writer", writer_b, seconds, 1), flush=True)
+            print(_bridge_line(f"{phase}, clients", clients_b, seconds, clients), flush=True)
     return out
 
 
-def _bridge(*backends: Backend) -> tuple[int, int, int, float] | None:
-    from ledgerlog.backends.bookkeeper import BookKeeperBackend
-
-    bks = [b for b in backends if isinstance(b, BookKeeperBackend)]
-    if not bks:
-        return None
-    s = bks[0].bridge_stats()  # both share the process's gateway
-    return s.calls, s.bytes_to_java, s.bytes_from_java, s.seconds
-
-
-def _run(name: str, open_backend: Callable[[], Backend], seconds: float) -> dict[str, Any]:
-    _workload(open_backend, 1.5, 2, 50, 0.0)  # warm-up (JIT, connections)
-    closed = _workload(open_backend, seconds, 2, 50, 0.0)
-    paced = _workload(open_backend, seconds, 2, 10, max(closed["txn_per_s"] / 2, 20.0))
-    print(
-        f"{name:<10} closed loop: {closed['txn_per_s']:8,.0f} committed txn/s "
-        f"(p50 {closed['p50_ms']:.1f} ms) | paced at {paced['txn_per_s']:,.0f} txn/s: "
-        f"p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms",
-        flush=True,
-    )
-    for label, r in (("closed", closed), ("paced", paced)):
-        if "gw_calls_per_s" in r:
-            print(
-                f"{'':<10} py4j bridge ({label}): {r['gw_calls_per_s']:,.0f} calls/s, "
-                f"{r['gw_mb_to_java_per_s']:.2f} MB/s to Java, "
-                f"{r['gw_mb_from_java_per_s']:.2f} MB/s from Java, "
-                f"{r['gw_call_seconds_per_s']:.2f} s in calls per s (summed over threads)",
-                flush=True,
-            )
-    return {"closed": closed, "paced": paced}
-
-
-def main(seconds: float = 8.0, pulsar: bool = True) -> dict[str, Any]:
-    from ledgerlog.backends.bookkeeper import BookKeeperBackend
+def main(
+    seconds: float = 8.0, clients: int = 2, batch: int = 256, pulsar: bool = True
+) -> dict[str, Any]:
+    _quiet()
     from ledgerlog.devservers.bookkeeper import LocalBookKeeper
 
+    print(
+        f"BookKeeper (ZooKeeper + 4 bookies, 3/3/2, journal fsync) vs Pulsar standalone; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        flush=True,
+    )
     results: dict[str, Any] = {}
-    print("BookKeeper (ZooKeeper + 3 bookies, 3/3/2, journal fsync) vs Pulsar standalone")
-    with LocalBookKeeper(3) as cluster:
-        pin = BookKeeperBackend(cluster.zk_connect, "bench-pin")  # one gateway for the run
-        try:
-            ledger = f"bench-{uuid.uuid4().hex[:8]}"
-            results["bookkeeper"] = _run(
-                "bookkeeper",
-                lambda: BookKeeperBackend(cluster.zk_connect, ledger),
-                seconds,
-            )
-        finally:
-            pin.close()
+    with LocalBookKeeper(4) as cluster:
+        url = (
+            f"bookkeeper://{cluster.zk_connect}/bench-{uuid.uuid4().hex[:8]}"
+            "?ensemble=3&write=3&ack=2"
+        )
+        results["bridge"] = bridge_capacity(cluster.zk_connect)
+        results["bookkeeper"] = measure(
+            "bookkeeper", url, clients, seconds, batch, metrics_port=_free_port()
+        )
     if pulsar:
-        from ledgerlog.backends.pulsar import PulsarBackend
         from ledgerlog.devservers.pulsar import LocalPulsar
 
         with LocalPulsar() as broker:
-            ledger = f"bench-{uuid.uuid4().hex[:8]}"
-            results["pulsar"] = _run(
-                "pulsar", lambda: PulsarBackend(broker.service_url, ledger), seconds
-            )
+            url = f"{broker.service_url}/public/default/bench-{uuid.uuid4().hex[:10]}"
+            results["pulsar"] = measure("pulsar", url, clients, seconds, batch, None)
+        ratio = results["bookkeeper"]["committed_per_s"] / max(
+            results["pulsar"]["committed_per_s"], 1e-9
+        )
+        print(f"ratio bookkeeper/pulsar committed txn/s: {ratio:.2f}", flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}", flush=True)
     return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.bookkeeper_bench")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--no-pulsar", action="store_true")
     args = parser.parse_args()
-    main(args.seconds, pulsar=not args.no_pulsar)
+    main(args.seconds, args.clients, pulsar=not args.no_pulsar)

@@ -10,17 +10,16 @@ from the same number of processes — what a one-machine user would pick instead
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 import shutil
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.common import quiet, run_processes, writer_process
 
 ACCOUNTS = 100_000
 BALANCE = 1_000
@@ -31,16 +30,14 @@ def _acct(i: int) -> str:
     return f"acct:{i:06d}"
 
 
-def _ledger_client(path: str, idx: int, seconds: float, batch: int, q: Any) -> None:
-    import logging
-
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+def _ledger_client(path: str, idx: int, seconds: float, batch: int, go: Any, q: Any) -> None:
+    quiet()
     import ledgerlog
 
     db = ledgerlog.open(path, writer=None, client_id=f"bench-{idx}")
     db.sync(60)
+    q.put(("ready", None))
+    go.wait()
     rnd = random.Random(idx)
     committed = aborted = 0
     latencies: list[float] = []
@@ -72,66 +69,55 @@ def _ledger_client(path: str, idx: int, seconds: float, batch: int, q: Any) -> N
             else:
                 aborted += 1
         latencies.append(time.perf_counter() - t0)
-    q.put((committed, aborted, latencies))
+    q.put(("result", (committed, aborted, latencies)))
     db.close()
 
 
 def run_ledgerlog(clients: int, seconds: float, batch: int = 256) -> dict[str, float]:
-    import ledgerlog
-
     tmp = tempfile.mkdtemp(prefix="ledgerlog-bench-")
     path = str(Path(tmp) / "bank")
-    writer = subprocess.Popen(
-        [sys.executable, "-m", "ledgerlog", "writer", path, "--writer-id", "bench-writer"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        db = ledgerlog.open(path, writer=None, client_id="bench-init")
-        db.wait_writer(60)
-        chunk = 2_000
-        for lo in range(0, ACCOUNTS, chunk):
-            tx = db.transaction()
-            for i in range(lo, min(lo + chunk, ACCOUNTS)):
-                tx.put(_acct(i), BALANCE)
-            tx.commit(60)
-        db.close()
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        procs = [
-            ctx.Process(target=_ledger_client, args=(path, i, seconds, batch, q))
-            for i in range(clients)
-        ]
-        t0 = time.monotonic()
-        for p in procs:
-            p.start()
-        results = [q.get(timeout=seconds + 300) for _ in procs]
-        for p in procs:
-            p.join(60)
-        elapsed = time.monotonic() - t0
-        committed = sum(r[0] for r in results)
-        aborted = sum(r[1] for r in results)
-        lat = sorted(x for r in results for x in r[2])
-        # Client start-up (replica catch-up) is inside `elapsed`; report the steady rate
-        # over the measured window too.
-        return {
-            "committed_per_s": committed / seconds,
-            "committed_per_s_wall": committed / elapsed,
-            "committed": committed,
-            "aborted": aborted,
-            "batch_p50_ms": 1000 * statistics.median(lat) if lat else 0.0,
-            "batch_p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))] if lat else 0.0,
-        }
+        with writer_process(path):
+            return _run_ledgerlog(path, clients, seconds, batch)
     finally:
-        writer.terminate()
-        writer.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sqlite_client(path: str, idx: int, seconds: float, q: Any) -> None:
+def _run_ledgerlog(path: str, clients: int, seconds: float, batch: int) -> dict[str, float]:
+    import ledgerlog
+
+    db = ledgerlog.open(path, writer=None, client_id="bench-init")
+    db.wait_writer(60)
+    chunk = 2_000
+    for lo in range(0, ACCOUNTS, chunk):
+        tx = db.transaction()
+        for i in range(lo, min(lo + chunk, ACCOUNTS)):
+            tx.put(_acct(i), BALANCE)
+        tx.commit(60)
+    db.close()
+    argses = [(path, i, seconds, batch) for i in range(clients)]
+    results, elapsed = run_processes(_ledger_client, argses, result_timeout=seconds + 300)
+    committed = sum(r[0] for r in results)
+    aborted = sum(r[1] for r in results)
+    lat = sorted(x for r in results for x in r[2])
+    # `elapsed` runs from the start signal to the last client's end (in-flight
+    # batches finish after the deadline); report the rate over both.
+    return {
+        "committed_per_s": committed / seconds,
+        "committed_per_s_wall": committed / elapsed,
+        "committed": committed,
+        "aborted": aborted,
+        "batch_p50_ms": 1000 * statistics.median(lat) if lat else 0.0,
+        "batch_p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))] if lat else 0.0,
+    }
+
+
+def _sqlite_client(path: str, idx: int, seconds: float, go: Any, q: Any) -> None:
     con = sqlite3.connect(path, timeout=60, isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
+    q.put(("ready", None))
+    go.wait()
     rnd = random.Random(idx)
     committed = 0
     deadline = time.monotonic() + seconds
@@ -145,7 +131,7 @@ def _sqlite_client(path: str, idx: int, seconds: float, q: Any) -> None:
         con.execute("UPDATE acct SET balance=? WHERE id=?", (y + amount, b))
         con.execute("COMMIT")
         committed += 1
-    q.put(committed)
+    q.put(("result", committed))
     con.close()
 
 
@@ -160,16 +146,9 @@ def run_sqlite(clients: int, seconds: float) -> dict[str, float]:
         con.executemany("INSERT INTO acct VALUES (?, ?)", ((i, BALANCE) for i in range(ACCOUNTS)))
         con.execute("COMMIT")
         con.close()
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        procs = [
-            ctx.Process(target=_sqlite_client, args=(path, i, seconds, q)) for i in range(clients)
-        ]
-        for p in procs:
-            p.start()
-        committed = sum(q.get(timeout=seconds + 120) for _ in procs)
-        for p in procs:
-            p.join(60)
+        argses = [(path, i, seconds) for i in range(clients)]
+        results, _elapsed = run_processes(_sqlite_client, argses, result_timeout=seconds + 120)
+        committed = sum(results)
         con = sqlite3.connect(path)
         (total,) = con.execute("SELECT sum(balance) FROM acct").fetchone()
         con.close()

@@ -20,15 +20,18 @@ commit p99 under 50 ms at half load.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing as mp
 import random
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from typing import Any
+
+from bench.common import get_result as _get
+from bench.common import pct as _pct
+from bench.common import pulsar_logger as _pulsar_logger
+from bench.common import quiet as _quiet
+from bench.common import run_processes, writer_process
 
 ACCOUNTS = 100_000
 P99_TARGET_MS = 50.0
@@ -37,19 +40,6 @@ PACE_TICK = 0.005
 
 def _acct(i: int) -> str:
     return f"acct:{i:06d}"
-
-
-def _quiet() -> None:
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    logging.getLogger("ledgerlog.pulsar.client").setLevel(logging.ERROR)
-
-
-def _pulsar_logger() -> logging.Logger:
-    logger = logging.getLogger("bench.pulsar-client")
-    logger.setLevel(logging.ERROR)
-    return logger
 
 
 def _transfer(db: Any, rnd: random.Random) -> Any:
@@ -123,22 +113,6 @@ def _raw_reader(url: str, topic: str, seconds: float, go: Any, q: Any, total: An
     q.put(("read", (got, last - started)))
     reader.close()
     client.close()
-
-
-def _get(q: Any, procs: list[Any], timeout: float) -> Any:
-    """The next result from `q`; fails fast when a child process died instead."""
-    import queue
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return q.get(timeout=1.0)
-        except queue.Empty:
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a benchmark process exited ({dead[0].exitcode})") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no benchmark result in {timeout}s") from None
 
 
 def send_latency(url: str, size: int, count: int = 300) -> tuple[float, float]:
@@ -218,7 +192,7 @@ def _ledger_client(
     go.wait()
     run = _peak if mode == "peak" else _paced
     result = run(db, rnd, arg, seconds)
-    q.put(("done", result))
+    q.put(("result", result))
     db.close()
 
 
@@ -311,34 +285,8 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
 def _run_clients(
     url: str, clients: int, mode: str, arg: float, seconds: float
 ) -> tuple[list[dict[str, Any]], float]:
-    ctx = mp.get_context("spawn")
-    q, go = ctx.Queue(), ctx.Event()
-    procs = [
-        ctx.Process(target=_ledger_client, args=(url, i, mode, arg, seconds, go, q), daemon=True)
-        for i in range(clients)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        for _ in procs:
-            assert _get(q, procs, 180)[0] == "ready"
-        started = time.monotonic()
-        go.set()
-        results = [_get(q, procs, seconds + 180)[1] for _ in procs]
-        elapsed = time.monotonic() - started
-        for p in procs:
-            p.join(60)
-        return results, elapsed
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-
-
-def _pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+    argses = [(url, i, mode, arg, seconds) for i in range(clients)]
+    return run_processes(_ledger_client, argses, result_timeout=seconds + 180)
 
 
 def main(clients: int = 2, seconds: float = 10.0, batch: int = 256) -> dict[str, Any]:
@@ -349,12 +297,7 @@ def main(clients: int = 2, seconds: float = 10.0, batch: int = 256) -> dict[str,
     started = time.monotonic()
     with LocalPulsar() as broker:
         url = f"{broker.service_url}/public/default/bench-{uuid.uuid4().hex[:10]}"
-        writer = subprocess.Popen(
-            [sys.executable, "-m", "ledgerlog", "writer", url, "--writer-id", "bench-writer"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
+        with writer_process(url):
             db = ledgerlog.open(url, writer=None, client_id="bench-init", timeout=60)
             try:
                 db.wait_writer(120)
@@ -369,13 +312,6 @@ def main(clients: int = 2, seconds: float = 10.0, batch: int = 256) -> dict[str,
             ll_rate = committed / seconds
             target_rate = ll_rate / 2
             paced, _ = _run_clients(url, clients, "paced", target_rate / clients, seconds)
-        finally:
-            writer.terminate()
-            try:
-                writer.wait(30)
-            except subprocess.TimeoutExpired:
-                writer.kill()
-                writer.wait(30)
     lat = sorted(x for r in paced for x in r["latencies"])
     paced_rate = sum(r["committed"] for r in paced) / seconds
     p50, p99 = 1000 * _pct(lat, 0.50), 1000 * _pct(lat, 0.99)

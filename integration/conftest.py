@@ -275,12 +275,14 @@ def pulsar_target(request: pytest.FixtureRequest) -> PulsarTarget:
 
 
 # ---------------------------------------------------------------------------- BookKeeper
-# (BookKeeper backend block: one ZooKeeper + 3 bookies for the session, each a JVM.)
+# (BookKeeper backend block: one ZooKeeper + 4 bookies for the session, each a JVM.)
 
 
 @pytest.fixture(scope="session")
 def local_bookkeeper() -> Iterator[object]:
-    """A LocalBookKeeper (ZooKeeper + 3 bookies) for the whole session, stopped at its end.
+    """A LocalBookKeeper (ZooKeeper + 4 bookies) for the whole session, stopped at its end.
+    Four, for ledgers of ensemble 3: new ledgers (an election, a new intake producer) can
+    only be created while a bookie is down if bookies >= ensemble + 1.
     Tests that kill a bookie must restart it before they return."""
     import shutil
 
@@ -288,7 +290,7 @@ def local_bookkeeper() -> Iterator[object]:
         pytest.skip("needs java and mvn")
     from ledgerlog.devservers.bookkeeper import LocalBookKeeper
 
-    with LocalBookKeeper(3) as cluster:
+    with LocalBookKeeper(4) as cluster:
         yield cluster
 
 

@@ -18,59 +18,20 @@ import uuid
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 pytest.importorskip("py4j")
 
-from ledgerlog.backends.bookkeeper import BookKeeperBackend, GatewayFailedError
-from ledgerlog.codec import encode_intake, encode_transaction
+from bk_helpers import LEASE, all_decided, assert_exactly_once, collect, open_bk, submit, wait_for
+
+from ledgerlog.backends.bookkeeper import BookKeeperBackend, GatewayFailedError, ZooKeeperError
 from ledgerlog.errors import ConfigError, FencedError
-from ledgerlog.model import START, Outcome, Put, Transaction, TxnId
+from ledgerlog.model import START, Outcome
 from ledgerlog.reader import Reader
 from ledgerlog.validator import SequencerState
 from ledgerlog.writer import Writer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-LEASE = 2.0
-
-
-def _open(cluster: Any, ledger: str, **kw: Any) -> BookKeeperBackend:
-    return BookKeeperBackend.from_url(
-        f"bookkeeper://{cluster.zk_connect}/{ledger}?ensemble=3&write=3&ack=2",
-        lease_timeout=LEASE,
-        **kw,
-    )
-
-
-def _submit(producer: Any, client: str, i: int) -> None:
-    txn = Transaction(TxnId(client, i), 0, writes=[Put(f"{client}-{i}", i)])
-    producer.submit(encode_intake([encode_transaction(txn)]))
-
-
-def _collect(reader: Reader, into: dict[tuple[str, int], list[Outcome]], timeout: float) -> None:
-    for res in reader.poll(timeout=timeout):
-        for d in res.decisions:
-            if d.seq is not None and d.txn_id is not None:
-                key = (d.txn_id.client_id, d.txn_id.client_seq)
-                into.setdefault(key, []).append(d.outcome)
-
-
-def _all_decided(cluster: Any, ledger: str, want: int, timeout: float = 60) -> dict[Any, Any]:
-    """Decisions of a fresh reader of the whole ledger (another process's view)."""
-    backend = _open(cluster, ledger)
-    reader = Reader(backend, name="audit")
-    decided: dict[tuple[str, int], list[Outcome]] = {}
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            _collect(reader, decided, 0.2)
-            if sum(Outcome.COMMITTED in v for v in decided.values()) >= want:
-                break
-        _collect(reader, decided, 0.5)
-    finally:
-        reader.close()
-        backend.close()
-    return decided
 
 
 def test_from_url_validates(local_bookkeeper: Any) -> None:
@@ -80,20 +41,31 @@ def test_from_url_validates(local_bookkeeper: Any) -> None:
         BookKeeperBackend.from_url("bookkeeper://127.0.0.1:1/a?ensemble=2&write=3&ack=2")
     with pytest.raises(ConfigError):
         BookKeeperBackend.from_url("bookkeeper://127.0.0.1:1/a?bogus=1")
+    for bad in ("roll_entries=0", "roll_bytes=-1", "roll_entries=x"):
+        with pytest.raises(ConfigError):
+            BookKeeperBackend.from_url(f"bookkeeper://127.0.0.1:1/a?{bad}")
     from ledgerlog.client import open_backend
 
     b = open_backend(f"bookkeeper://{local_bookkeeper.zk_connect}/url-{uuid.uuid4().hex[:8]}")
     try:
         assert isinstance(b, BookKeeperBackend)
         assert (b.ensemble, b.write_quorum, b.ack_quorum) == (3, 3, 2)
+        assert (b.roll_entries, b.roll_bytes) == (10_000, 16 * 1024 * 1024)
+        calls = REGISTRY.get_sample_value(
+            "ledgerlog_bookkeeper_gateway_calls_total", {"method": "zkGetStat"}
+        )
         assert b.end() == START
+        after = REGISTRY.get_sample_value(
+            "ledgerlog_bookkeeper_gateway_calls_total", {"method": "zkGetStat"}
+        )
+        assert after is not None and after > (calls or 0)
     finally:
         b.close()
 
 
 def test_fenced_writer_cannot_add_and_its_clients_learn_it(local_bookkeeper: Any) -> None:
     name = f"fence-{uuid.uuid4().hex[:8]}"
-    a, b, c = (_open(local_bookkeeper, name) for _ in range(3))
+    a, b, c = (open_bk(local_bookkeeper, name) for _ in range(3))
     try:
         # The raw handle: a hung writer (its process and gateway JVM live on) is deposed,
         # and its BookKeeper ledger is fenced: its add fails with BookKeeper's own error.
@@ -123,9 +95,9 @@ def test_fenced_writer_cannot_add_and_its_clients_learn_it(local_bookkeeper: Any
             assert fenced, "the deposed writer was never told"
             producer = c.intake_producer("client")
             for i in range(20):
-                _submit(producer, "client", i)
+                submit(producer, "client", i)
             producer.close()
-            decided = _all_decided(local_bookkeeper, name, 20)
+            decided = all_decided(local_bookkeeper, name, 20)
             assert all(decided[("client", i)].count(Outcome.COMMITTED) == 1 for i in range(20))
         finally:
             w1.stop()
@@ -135,31 +107,93 @@ def test_fenced_writer_cannot_add_and_its_clients_learn_it(local_bookkeeper: Any
             x.close()
 
 
+def _shared_bookie(cluster: Any, backend: BookKeeperBackend, *handles: int) -> int:
+    """Index in `cluster` of a bookie that every ledger behind `handles` writes to."""
+    common: set[str] | None = None
+    for h in handles:
+        ids = set(backend.call("ledgerBookies", h).split("/"))
+        common = ids if common is None else common & ids
+    assert common, "the ledgers share no bookie"
+    return cluster.bookie_ids.index(sorted(common)[0])
+
+
 def test_kill_9_one_bookie_mid_stream_loses_nothing(local_bookkeeper: Any) -> None:
     name = f"bookie-{uuid.uuid4().hex[:8]}"
-    a, c = _open(local_bookkeeper, name), _open(local_bookkeeper, name)
+    a, c = open_bk(local_bookkeeper, name), open_bk(local_bookkeeper, name)
     w = Writer(a, "w1").start()
-    producer = c.intake_producer("client")  # created while all 3 bookies are up
-    killed = False
+    producer = c.intake_producer("client")  # created while every bookie is up
+    killed: int | None = None
     try:
         assert w.elected.wait(30)
+        # Kill a bookie both the writer's ledger and the intake ledger write to (ensemble
+        # 3 of 4 bookies): their adds go on with the ack quorum of 2.
+        victim = _shared_bookie(local_bookkeeper, a, a.active_writers[0]._handle, producer._handle)
         n = 400
         for i in range(n):
             if i == n // 2:
-                local_bookkeeper.kill_bookie(2)
-                killed = True
-            _submit(producer, "client", i)
-        decided = _all_decided(local_bookkeeper, name, n)
-        missing = [i for i in range(n) if Outcome.COMMITTED not in decided.get(("client", i), [])]
-        assert not missing, f"{len(missing)} acknowledged submissions never committed"
-        assert all(v.count(Outcome.COMMITTED) == 1 for v in decided.values())
+                local_bookkeeper.kill_bookie(victim)
+                killed = victim
+            submit(producer, "client", i)
+        decided = all_decided(local_bookkeeper, name, n)
+        assert_exactly_once(decided, "client", n)
     finally:
         producer.close()
         w.stop()
         a.close()
         c.close()
-        if killed:
-            local_bookkeeper.restart_bookie(2)
+        if killed is not None:
+            local_bookkeeper.restart_bookie(killed)
+
+
+def test_new_ledgers_while_a_bookie_is_down(local_bookkeeper: Any) -> None:
+    """Ensemble 3 on 4 bookies: with one bookie dead (and deregistered), a new intake
+    producer and a new writer (an election) still get BookKeeper ledgers. On exactly 3
+    bookies both would fail with BKNotEnoughBookiesException until the bookie is back."""
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    a, b, c = (open_bk(local_bookkeeper, name) for _ in range(3))
+    w1 = Writer(a, "w1").start()
+    w2: Writer | None = None
+    p1 = c.intake_producer("early")
+    killed: int | None = None
+    late: Any = None
+    try:
+        assert w1.elected.wait(30)
+        for i in range(30):
+            submit(p1, "early", i)
+        victim = _shared_bookie(local_bookkeeper, a, a.active_writers[0]._handle, p1._handle)
+        dead_id = local_bookkeeper.bookie_ids[victim]
+        local_bookkeeper.kill_bookie(victim)
+        killed = victim
+        # Until its ZooKeeper session expires the dead bookie still looks available; the
+        # case that matters is after that, when only 3 bookies are registered.
+        wait_for(lambda: dead_id not in local_bookkeeper.registered_bookies(), 30, "deregistration")
+        for i in range(30, 60):
+            submit(p1, "early", i)
+        late = c.intake_producer("late")  # a new BookKeeper ledger during the outage
+        assert dead_id not in c.call("ledgerBookies", late._handle).split("/")
+        for i in range(30):
+            submit(late, "late", i)
+        w1.stop()  # the next term needs a new BookKeeper ledger too
+        w2 = Writer(b, "w2").start()
+        assert w2.elected.wait(30), "no election while a bookie was down"
+        lw = b.active_writers[0]
+        assert dead_id not in b.call("ledgerBookies", lw._handle).split("/")
+        for i in range(30, 60):
+            submit(late, "late", i)
+        decided = all_decided(local_bookkeeper, name, 120)
+        assert_exactly_once(decided, "early", 60)
+        assert_exactly_once(decided, "late", 60)
+    finally:
+        if late is not None:
+            late.close()
+        p1.close()
+        w1.stop()
+        if w2 is not None:
+            w2.stop()
+        for x in (a, b, c):
+            x.close()
+        if killed is not None:
+            local_bookkeeper.restart_bookie(killed)
 
 
 _WRITER_SCRIPT = textwrap.dedent(
@@ -185,7 +219,7 @@ def test_kill_9_of_the_writer_standby_takes_over_exactly_once(local_bookkeeper: 
         stdout=subprocess.PIPE,
         text=True,
     )
-    b, c = _open(local_bookkeeper, name), _open(local_bookkeeper, name)
+    b, c = open_bk(local_bookkeeper, name), open_bk(local_bookkeeper, name)
     standby: Writer | None = None
     producer = c.intake_producer("client")
     reader = Reader(c, name="watcher")
@@ -200,7 +234,7 @@ def test_kill_9_of_the_writer_standby_takes_over_exactly_once(local_bookkeeper: 
         def submit_forever() -> None:
             i = 0
             while not stop.is_set() and i < 2000:
-                _submit(producer, "client", i)
+                submit(producer, "client", i)
                 submitted.append(i)
                 i += 1
                 time.sleep(0.002)
@@ -210,7 +244,7 @@ def test_kill_9_of_the_writer_standby_takes_over_exactly_once(local_bookkeeper: 
         deadline = time.monotonic() + 30
         while sum(Outcome.COMMITTED in v for v in seen.values()) < 150:
             assert time.monotonic() < deadline, "the first writer committed too little"
-            _collect(reader, seen, 0.1)
+            collect(reader, seen, 0.1)
         os.kill(proc.pid, signal.SIGKILL)  # its gateway JVM dies with it (PDEATHSIG)
         proc.wait(10)
         committed_before = {k for k, v in seen.items() if Outcome.COMMITTED in v}
@@ -219,7 +253,7 @@ def test_kill_9_of_the_writer_standby_takes_over_exactly_once(local_bookkeeper: 
         stop.set()
         t.join(30)
         n = len(submitted)
-        decided = _all_decided(local_bookkeeper, name, n)
+        decided = all_decided(local_bookkeeper, name, n)
         for k in committed_before:
             assert decided[k].count(Outcome.COMMITTED) == 1, k
         for i in range(n):
@@ -242,7 +276,7 @@ def test_kill_9_of_the_writer_standby_takes_over_exactly_once(local_bookkeeper: 
 def test_dead_gateway_jvm_is_a_clear_error(local_bookkeeper: Any) -> None:
     from ledgerlog.devservers.bookkeeper import GatewayProcess
 
-    gp = GatewayProcess(read_timeout=5.0)
+    gp = GatewayProcess(read_timeout=30.0)  # connect builds a BK client: slow under load
     gp.start()
     try:
         gp.entry_point.connect(local_bookkeeper.zk_connect, "explicitLacInterval=10\n")
@@ -257,3 +291,83 @@ def test_dead_gateway_jvm_is_a_clear_error(local_bookkeeper: Any) -> None:
         backend.close()
     finally:
         gp.close()
+
+
+# A gateway of its own (its client settings differ) with a short ZooKeeper session.
+_SHORT_SESSION = "ledgerlog.zkSessionTimeoutMs=4000"
+
+
+def test_expired_zookeeper_session_is_renewed_and_the_writer_reelected(
+    local_bookkeeper: Any,
+) -> None:
+    name = f"zkexp-{uuid.uuid4().hex[:8]}"
+    a = open_bk(local_bookkeeper, name, client_properties=_SHORT_SESSION)
+    c = open_bk(local_bookkeeper, name)
+    assert a.gateway is not c.gateway
+    w = Writer(a, "w1").start()
+    producer = c.intake_producer("client")
+    local = a.intake_producer("local")  # its liveness node lives in the expiring session
+    alive = f"{a.alive_path}/{local.name}"
+    try:
+        assert w.elected.wait(30)
+        epoch = w.epoch
+        for i in range(40):
+            submit(producer, "client", i)
+            submit(local, "local", i)
+        assert a.call("zkSessionCount") == 1
+        # ZooKeeper ends the session (as on expiry): the writer's ephemeral claim and the
+        # local producer's liveness node go with it. The gateway opens a new session; the
+        # writer learns it lost the ledger and, being the only candidate, is elected again
+        # in a new epoch; the backend gives its producer its liveness node back.
+        a.call("zkExpireSession")
+        wait_for(lambda: w.epoch > epoch and w.elected.is_set(), 60, "re-election")
+        assert a.call("zkSessionCount") >= 2
+        wait_for(lambda: c.call("zkGet", alive) is not None, 30, "the liveness node back")
+        # Beyond the writer's grace for missing nodes: the producer was not judged gone.
+        time.sleep(6.5)
+        for i in range(40, 80):
+            submit(producer, "client", i)
+            submit(local, "local", i)
+        decided = all_decided(local_bookkeeper, name, 160)
+        assert_exactly_once(decided, "client", 80)
+        assert_exactly_once(decided, "local", 80)
+    finally:
+        local.close()
+        producer.close()
+        w.stop()
+        a.close()
+        c.close()
+
+
+def test_paused_zookeeper_is_a_typed_error_then_the_ledger_goes_on(local_bookkeeper: Any) -> None:
+    name = f"zkstop-{uuid.uuid4().hex[:8]}"
+    a = open_bk(local_bookkeeper, name, client_properties=_SHORT_SESSION)
+    c = open_bk(local_bookkeeper, name)
+    w = Writer(a, "w1").start()
+    producer = c.intake_producer("client")
+    zk_pid = local_bookkeeper.zk_pid
+    assert zk_pid is not None
+    try:
+        assert w.elected.wait(30)
+        for i in range(20):
+            submit(producer, "client", i)
+        os.kill(zk_pid, signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            with pytest.raises(ZooKeeperError):
+                a.end()  # reads the chain node: ZooKeeper does not answer
+            # A bound against hanging (the session's read timeout is 2/3 of 4 s), not a
+            # performance figure.
+            assert time.monotonic() - t < 30
+        finally:
+            os.kill(zk_pid, signal.SIGCONT)
+        wait_for(w.elected.is_set, 60, "a writer serving again")
+        for i in range(20, 40):
+            submit(producer, "client", i)
+        assert_exactly_once(all_decided(local_bookkeeper, name, 40), "client", 40)
+        assert a.end() > START
+    finally:
+        producer.close()
+        w.stop()
+        a.close()
+        c.close()

@@ -1,5 +1,5 @@
-"""The backend conformance suite on a real ZooKeeper + 3 bookies (one ensemble per session),
-with 3/3/2 quorums."""
+"""The backend conformance suite on a real ZooKeeper + 4 bookies (one ensemble per session),
+with 3/3/2 quorums; again with a writer rolling its BookKeeper ledger every 2 entries."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ LEASE_TIMEOUT = 2.0
 class BookKeeperHarness(Harness):
     takeover_timeout = 20.0
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: Any, roll_entries: int | None = None) -> None:
         self.cluster = cluster
+        self.roll = "" if roll_entries is None else f"&roll_entries={roll_entries}"
         self._opened: list[BookKeeperBackend] = []
 
     def new_ledger(self) -> str:
@@ -33,7 +34,7 @@ class BookKeeperHarness(Harness):
 
     def open(self, ledger: str) -> Backend:
         backend = BookKeeperBackend.from_url(
-            f"bookkeeper://{self.cluster.zk_connect}/{ledger}?ensemble=3&write=3&ack=2",
+            f"bookkeeper://{self.cluster.zk_connect}/{ledger}?ensemble=3&write=3&ack=2" + self.roll,
             lease_timeout=LEASE_TIMEOUT,
         )
         self._opened.append(backend)
@@ -60,8 +61,12 @@ def gateway_pin(local_bookkeeper: Any) -> Iterator[BookKeeperBackend]:
     pin.close()
 
 
-@pytest.fixture
-def harness(local_bookkeeper: Any, gateway_pin: BookKeeperBackend) -> Iterator[Harness]:
-    h = BookKeeperHarness(local_bookkeeper)
+@pytest.fixture(params=[None, 2], ids=["default", "rolling"])
+def harness(
+    request: pytest.FixtureRequest, local_bookkeeper: Any, gateway_pin: BookKeeperBackend
+) -> Iterator[Harness]:
+    # "rolling": a writer moves to a new BookKeeper ledger every 2 entries, so every
+    # conformance scenario also crosses rollovers.
+    h = BookKeeperHarness(local_bookkeeper, request.param)
     yield h
     h.close()

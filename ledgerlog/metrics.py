@@ -46,6 +46,21 @@ WRITER_FENCED = Counter(
     "ledgerlog_writer_fenced", "Times this process's writer lost its election", ["ledger"]
 )
 
+BK_GATEWAY_CALLS = Counter(
+    "ledgerlog_bookkeeper_gateway_calls",
+    "Calls from this process through the BookKeeper py4j gateway, by Java method",
+    ["method"],
+)
+BK_GATEWAY_BYTES = Counter(
+    "ledgerlog_bookkeeper_gateway_bytes",
+    "Payload bytes through the BookKeeper py4j gateway (to_java, from_java)",
+    ["direction"],
+)
+BK_GATEWAY_SECONDS = Counter(
+    "ledgerlog_bookkeeper_gateway_call_seconds",
+    "Time spent inside BookKeeper gateway calls, summed over threads",
+)
+
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:
     """Expose every metric at http://addr:port/metrics (loopback unless told otherwise)."""

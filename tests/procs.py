@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +28,9 @@ from typing import Any
 import structlog
 
 from ledgerlog.backends.file import FileBackend
+from ledgerlog.check.procs import Proc
+from ledgerlog.check.procs import kill_all as kill_all  # re-exported for the tests
+from ledgerlog.check.procs import spawn as _spawn
 from ledgerlog.codec import WireRecord, decode_entry, encode_intake, encode_transaction
 from ledgerlog.model import START, Outcome, Put, Transaction, TxnId
 from ledgerlog.reader import Reader
@@ -56,87 +58,10 @@ def symptom(ok: object, message: str) -> None:
 # -- parent side: processes -------------------------------------------------------------------
 
 
-class Proc:
-    """A child process whose stdout+stderr go to a log file."""
-
-    def __init__(self, popen: subprocess.Popen[bytes], log_path: Path, name: str) -> None:
-        self.popen = popen
-        self.log_path = log_path
-        self.name = name
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for(self, text: str, timeout: float, count: int = 1) -> bool:
-        """Wait until `text` occurs `count` times in the log; False on timeout or death."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log().count(text) >= count:
-                return True
-            if not self.alive():
-                return self.log().count(text) >= count
-            time.sleep(0.02)
-        return False
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL (after SIGCONT, in case it is stopped) and reap."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-                os.kill(self.pid, signal.SIGCONT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(10)
-
-    def terminate(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, wait, then SIGKILL if it did not exit."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.popen.returncode
-
-
 def spawn(role: str, *args: Any, log_dir: Path, name: str | None = None) -> Proc:
-    name = name or role
-    log_path = Path(log_dir) / f"{name}.{time.monotonic_ns()}.log"
-    out = open(log_path, "wb")  # noqa: SIM115 - handed to the child
-    try:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        popen = subprocess.Popen(
-            [sys.executable, str(SCRIPT), role, *map(str, args)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-            env=env,
-        )
-    finally:
-        out.close()
-    return Proc(popen, log_path, name)
-
-
-def kill_all(procs: Iterable[Proc | None]) -> None:
-    for p in procs:
-        if p is not None:
-            p.kill()
+    return _spawn(
+        [str(SCRIPT), role, *map(str, args)], log_dir=log_dir, name=name or role, cwd=ROOT
+    )
 
 
 # -- transactions ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ ZooKeeper nodes of a ledger ``L`` (under ``root``, default ``/ledgerlog``)::
     /ledgerlog/L/writer           ephemeral: the elected writer's claim (id, token); its
                                   data version is the writer's lease heartbeat
     /ledgerlog/L/intake/<client>  one node per intake producer: its own BookKeeper ledger id
+    /ledgerlog/L/alive/<client>   ephemeral, per intake producer: it is still there
 
 **The chain and fencing.** Each writer term appends to a BookKeeper ledger of its own. A
 new writer (1) opens the chain's last BookKeeper ledger *with recovery*, which fences it -
@@ -17,6 +18,18 @@ compare-and-sets the chain node (``zkSetIfVersion``) to append the new ledger id
 is the election's linearization point: of two writers racing, only one extends the chain,
 and the loser deletes its ledger. A ledger in the chain with a successor is therefore
 closed for good, so readers see the same entries of it whatever the timing.
+
+**Rollover.** Within a term the writer moves to a new BookKeeper ledger once its ledger
+holds ``roll_entries`` entries or ``roll_bytes`` bytes (URL parameters; defaults 10,000
+and 16 MiB), before its next append: it creates the ledger with a header holding the
+sequencer state at the full ledger's end (the state the Writer passed with its last
+append), closes the full ledger (sealing it at its last entry, before any reader can see a
+successor), and compare-and-sets the chain from the version its own last CAS produced. So a
+takeover fences and scans one ledger of at most about that size, whatever the ledger's
+length. A deposed writer cannot roll: its seal fails on the fenced ledger or its CAS on
+the moved chain (FencedError), and a ledger it created but never chained is deleted. If
+the CAS's outcome is unknown (ZooKeeper lost), the writer stops appending and resigns; the
+next term finds the chain either way.
 
 **Positions** are ``Position(index in chain, entry id)``; entry 0 of every chain ledger is
 the header and never an entry, so ``Position(i, 0)`` reads from ``(i, 1)`` and ``START``
@@ -49,6 +62,33 @@ id of each intake ledger it has consumed travels inside the ledger record (its `
 so it becomes durable and visible exactly with the transactions, and a new writer resumes
 from the last *visible* record (as with the file backend's intake offsets).
 
+**Intake garbage collection.** A producer also holds an ephemeral ``alive`` node (created
+before its intake node, deleted by :meth:`BookKeeperIntakeProducer.close`, gone with its
+process's ZooKeeper session; a backend whose gateway got a new session restores its
+producers' nodes within about a second). The writer treats a producer whose node has been
+missing for ``lease_timeout`` (at least 5 s) as gone: it fences
+its intake ledger (recovery-open, which also makes its last acknowledged entries readable)
+to learn the final length, and once a record whose offsets cover that length is durable
+(acknowledged by the ack quorum) it deletes the intake node, then the BookKeeper ledger,
+and drops the producer from the offsets of later records. Any writer resumes from offsets
+at least that high, so none needs a collected ledger. A producer whose session expired
+while its process lives finds its ledger fenced: its next submit fails with a BackendError
+saying so (open a new producer; a retried transaction commits at most once). That only
+happens if its node stayed missing for ``lease_timeout`` (ZooKeeper unreachable from it).
+
+**ZooKeeper sessions.** When ZooKeeper expires the gateway's session (or it cannot be
+reached), calls raise :class:`ZooKeeperError` (connection loss within about 2/3 of the
+session timeout, never a hang) and the next call opens a new session. The elected writer
+learns from its lease renewal or its checks that its ephemeral claim went with the old
+session, resigns and campaigns again; readers and producers just go on. The session
+timeout is the client property ``ledgerlog.zkSessionTimeoutMs`` (default 10 s).
+
+**Bookies.** Creating a BookKeeper ledger needs ``ensemble`` writable bookies, and every
+election, rollover and new intake producer creates one. Run at least ``ensemble + 1``
+bookies to keep electing writers, rolling and accepting new producers while one bookie is
+down; with exactly ``ensemble`` bookies, open ledgers still take adds with the ack quorum
+(``delayEnsembleChange``), but nothing new starts until the bookie is back.
+
 **The gateway JVM.** Backends of one process share one gateway per (ZooKeeper, client
 settings), reference-counted: the first starts it (:class:`GatewayProcess`), the last
 :meth:`close` stops it. A gateway passed in explicitly is never stopped by the backend.
@@ -56,11 +96,10 @@ Every Python->Java call carries a whole batch (entries packed into one ``byte[]`
 or stuck JVM surfaces as :class:`GatewayFailedError` (a :class:`BackendError`), never a
 hang (py4j read timeout). :meth:`BookKeeperBackend.bridge_stats` counts calls and bytes.
 
-**Known limits.** Ledgers do not roll within a term; a new writer scans the whole tail
-ledger at takeover. Intake ledgers of closed producers are not garbage-collected. A
-gateway's ZooKeeper session that expires is not re-established (restart the process).
-With ``ensemble`` equal to the number of bookies, no ledger can be created while one
-bookie is down (adds to open ledgers go on with the ack quorum).
+**Known limits.** The chain node lists every BookKeeper ledger of the ledger (about 9
+bytes each; ZooKeeper's 1 MB node limit allows about 100,000 rollovers) and nothing
+trims old ledgers yet. A writer that crashes between deleting a gone producer's intake
+node and its ledger leaks that BookKeeper ledger.
 """
 
 from __future__ import annotations
@@ -80,6 +119,7 @@ import attrs
 import msgspec
 import structlog
 
+from ledgerlog import metrics
 from ledgerlog.backends.base import (
     Backend,
     Backoff,
@@ -103,6 +143,7 @@ from ledgerlog.errors import (
     ClosedError,
     ConfigError,
     FencedError,
+    FormatError,
     NotElectedError,
 )
 from ledgerlog.model import START, Position
@@ -116,6 +157,7 @@ __all__ = [
     "BookKeeperLogWriter",
     "BridgeStats",
     "GatewayFailedError",
+    "ZooKeeperError",
 ]
 
 log = structlog.get_logger(__name__)
@@ -133,10 +175,29 @@ _POLL_MAX: Final = 0.01
 _CHAIN_REFRESH: Final = 0.05
 _INTAKE_RESCAN: Final = 0.05
 _FENCED_MARKERS: Final = ("BKLedgerFencedException", "BKLedgerClosedException")
+_ZK_MARKERS: Final = (
+    "SessionExpired",
+    "ConnectionLoss",
+    "ZooKeeperUnavailable",
+    "OperationTimeout",
+    "SessionMoved",
+)
+_NO_LEDGER_MARKERS: Final = ("BKNoSuchLedgerExistsException", "NoSuchLedgerExists")
+DEFAULT_ROLL_ENTRIES: Final = 10_000
+DEFAULT_ROLL_BYTES: Final = 16 * 1024 * 1024
+_INTAKE_GC_INTERVAL: Final = 1.0
+_KEEPALIVE_INTERVAL: Final = 1.0
+_GONE_GRACE_MIN: Final = 5.0
 
 
 class GatewayFailedError(BackendError):
     """The gateway JVM died or did not answer in time."""
+
+
+class ZooKeeperError(BackendError):
+    """ZooKeeper did not answer (connection loss) or expired the gateway's session. The
+    gateway opens a new session on the next call; ephemeral nodes of the old one (a
+    writer's claim, producers' liveness) are gone, so their owners learn they lost them."""
 
 
 class _JavaCallError(BackendError):
@@ -187,12 +248,20 @@ class _Bridge:
             raise GatewayFailedError(f"BookKeeper gateway: {exc}") from exc
         except Py4JJavaError as exc:
             text = str(exc.java_exception) if exc.java_exception is not None else str(exc)
+            if any(m in text for m in _ZK_MARKERS):
+                raise ZooKeeperError(f"{method}: ZooKeeper: {text}") from exc
             raise _JavaCallError(f"{method}: {text}") from exc
         except Py4JError as exc:
             raise GatewayFailedError(f"BookKeeper gateway call {method} failed: {exc}") from exc
         finally:
             dt = time.perf_counter() - t0
         in_bytes = len(result) if isinstance(result, bytes | bytearray) else 0
+        metrics.BK_GATEWAY_CALLS.labels(method).inc()
+        metrics.BK_GATEWAY_SECONDS.inc(dt)
+        if out_bytes:
+            _TO_JAVA.inc(out_bytes)
+        if in_bytes:
+            _FROM_JAVA.inc(in_bytes)
         with self._stats_lock:
             s = self.stats
             s.calls += 1
@@ -203,6 +272,8 @@ class _Bridge:
         return result
 
 
+_TO_JAVA = metrics.BK_GATEWAY_BYTES.labels("to_java")
+_FROM_JAVA = metrics.BK_GATEWAY_BYTES.labels("from_java")
 _SHARED: dict[tuple[str, str], _Bridge] = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -307,6 +378,8 @@ class BookKeeperBackend(Backend):
         classpath: str | None = None,
         client_properties: str = "",
         read_timeout: float = 60.0,
+        roll_entries: int = DEFAULT_ROLL_ENTRIES,
+        roll_bytes: int = DEFAULT_ROLL_BYTES,
     ) -> None:
         if not isinstance(zk_connect, str) or not zk_connect:
             raise ConfigError("zk_connect must be 'host:port[,host:port...]'")
@@ -324,6 +397,10 @@ class BookKeeperBackend(Backend):
                 raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
         if not isinstance(explicit_lac_ms, int) or explicit_lac_ms < 1:
             raise ConfigError("explicit_lac_ms must be a positive integer")
+        for name, value in (("roll_entries", roll_entries), ("roll_bytes", roll_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+        self.roll_entries, self.roll_bytes = roll_entries, roll_bytes
         if not root.startswith("/") or root.endswith("/"):
             raise ConfigError(f"root {root!r} must start with '/' and not end with it")
         self.zk_connect = zk_connect
@@ -339,6 +416,7 @@ class BookKeeperBackend(Backend):
         self.chain_path = f"{self.base}/chain"
         self.writer_path = f"{self.base}/writer"
         self.intake_path = f"{self.base}/intake"
+        self.alive_path = f"{self.base}/alive"
         if gateway is not None:
             self._bridge = _Bridge(gateway, owned=False)
             self._bridge.refs = 1
@@ -350,8 +428,12 @@ class BookKeeperBackend(Backend):
         self._end_handle: tuple[int, int] | None = None  # (ledger id, gateway handle)
         self.active_writers: list[BookKeeperLogWriter] = []
         self._watch: tuple[int | None, float, float] = (None, 0.0, 0.0)
+        self._producers: list[BookKeeperIntakeProducer] = []
+        self._keepalive: threading.Thread | None = None
+        self._keepalive_stop = threading.Event()
         try:
             self.call("zkEnsurePath", self.intake_path)
+            self.call("zkEnsurePath", self.alive_path)
             self.call("zkTryCreate", self.chain_path, msgspec.msgpack.encode([]), False)
         except BaseException:
             self.close()
@@ -362,7 +444,9 @@ class BookKeeperBackend(Backend):
         """``bookkeeper://host:port[,host:port]/ledger?ensemble=3&write=3&ack=2``.
 
         Further query parameters: ``lease_timeout``, ``explicit_lac_ms``,
-        ``campaign_interval``, ``root``, ``read_timeout``. Keyword `options` override them."""
+        ``campaign_interval``, ``root``, ``read_timeout``, ``roll_entries``, ``roll_bytes``
+        (a writer rolls to a new BookKeeper ledger after that many entries or bytes).
+        Keyword `options` override them."""
         if not isinstance(url, str):
             raise ConfigError(f"a BookKeeper ledger URL must be a string, not {type(url).__name__}")
         parts = urllib.parse.urlsplit(url)
@@ -373,7 +457,8 @@ class BookKeeperBackend(Backend):
             raise ConfigError(f"the URL must name exactly one ledger: {url!r}")
         kwargs: dict[str, Any] = {}
         ints = {"ensemble": "ensemble", "write": "write_quorum", "ack": "ack_quorum"}
-        ints["explicit_lac_ms"] = "explicit_lac_ms"
+        for key in ("explicit_lac_ms", "roll_entries", "roll_bytes"):
+            ints[key] = key
         floats = ("lease_timeout", "campaign_interval", "read_timeout")
         for key, values in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items():
             value = values[-1]
@@ -499,12 +584,47 @@ class BookKeeperBackend(Backend):
 
     def intake_producer(self, client_id: str) -> BookKeeperIntakeProducer:
         self._check_open()
-        return BookKeeperIntakeProducer(self, check_client_id(client_id))
+        with self._lock:
+            if self._keepalive is None:
+                sessions = int(self.call("zkSessionCount"))
+                self._keepalive = threading.Thread(
+                    target=self._keep_alive,
+                    args=(sessions,),
+                    name=f"ledgerlog-bk-alive-{self.ledger}",
+                    daemon=True,
+                )
+                self._keepalive.start()
+        producer = BookKeeperIntakeProducer(self, check_client_id(client_id))
+        with self._lock:
+            self._producers.append(producer)
+        return producer
+
+    def _keep_alive(self, sessions: int) -> None:
+        """Give this backend's producers their liveness nodes back after the gateway's
+        ZooKeeper session was replaced (the nodes died with the old one). A writer waits
+        ``lease_timeout`` (at least 5 s) after a node disappears before it judges the
+        producer gone."""
+        while not self._keepalive_stop.wait(_KEEPALIVE_INTERVAL):
+            try:
+                now = int(self.call("zkSessionCount"))
+                if now == sessions:
+                    continue
+                with self._lock:
+                    producers = list(self._producers)
+                for p in producers:
+                    self.call("zkTryCreate", f"{self.alive_path}/{p.name}", b"", True)
+                sessions = now
+                log.info("restored intake liveness nodes", ledger=self.ledger, n=len(producers))
+            except BackendError as exc:
+                log.warning("could not check the ZooKeeper session", error=str(exc))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._keepalive_stop.set()
+        if self._keepalive is not None and self._keepalive is not threading.current_thread():
+            self._keepalive.join(10)
         for w in list(self.active_writers):
             with contextlib.suppress(Exception):
                 w.close()
@@ -647,12 +767,20 @@ class BookKeeperLogWriter(LogWriter):
             target=self._beat, name=f"ledgerlog-bk-lease-{writer_id}", daemon=True
         )
         self._heartbeat.start()
+        self.scanned: tuple[int, int] | None = None
+        """(BookKeeper ledger id, entries) the takeover read to learn the ledger's end."""
+        self.rollovers = 0
         try:
             self.index, self.ledger_id, self._handle, self._start_state = self._take_over()
         except BaseException:
             self._stop.set()
             raise
         self.last_entry = 0  # the header
+        self._ledger_entries = 0
+        self._ledger_bytes = 0
+        # The sequencer state at the end of our current ledger, when known: a rollover
+        # writes it as the next ledger's header (unknown right after our epoch start).
+        self._end_state: bytes | None = self._start_state.to_bytes()
         self._log = self._log.bind(bk_ledger=self.ledger_id, index=self.index)
         self._log.info("elected")
 
@@ -696,30 +824,61 @@ class BookKeeperLogWriter(LogWriter):
         state = SequencerState()
         if chain:
             state = self._final_state(chain[-1])
+        self._chain, self._chain_version = chain, version
+        ledger_id, handle = self._extend_chain(state, check_claim=True)
+        return len(chain), ledger_id, handle, state
+
+    def _extend_chain(
+        self, state: SequencerState | bytes, *, check_claim: bool = False, sealing: int = -1
+    ) -> tuple[int, int]:
+        """Create a BookKeeper ledger headed by `state` and compare-and-set it onto the
+        chain version this writer last saw; returns (ledger id, handle). `sealing` is our
+        full ledger's handle: closed (sealed at our last entry) before the CAS, because a
+        reader that sees a successor takes its predecessor's end as final."""
+        b = self.backend
+        header = _header(state) if isinstance(state, SequencerState) else HEADER_MAGIC + state
         handle = int(b.call("createLedger", b.ensemble, b.write_quorum, b.ack_quorum, PASSWORD))
         ledger_id = int(b.call("ledgerId", handle))
+        chained: bool | None = False  # None: the CAS's outcome is unknown
         try:
-            b.call("addEntries", handle, pack_entries([_header(state)]))
-            self._check_claim()
-            if (
-                int(
-                    b.call(
-                        "zkSetIfVersion",
-                        b.chain_path,
-                        msgspec.msgpack.encode([*chain, ledger_id]),
-                        version,
-                    )
+            b.call("addEntries", handle, pack_entries([header]))
+            if check_claim:
+                self._check_claim()
+            if sealing >= 0:
+                try:
+                    b.call("closeLedger", sealing)
+                except _JavaCallError as exc:
+                    if exc.fenced or "MetadataVersion" in str(exc):
+                        self.fenced = True
+                        raise FencedError(
+                            f"writer {self.writer_id}: fenced while rolling over ({exc})"
+                        ) from exc
+                    raise
+            chain = [*self._chain, ledger_id]
+            chained = None
+            new_version = int(
+                b.call(
+                    "zkSetIfVersion",
+                    b.chain_path,
+                    msgspec.msgpack.encode(chain),
+                    self._chain_version,
                 )
-                < 0
-            ):
-                raise FencedError(f"writer {self.writer_id}: the chain changed during takeover")
-        except BaseException:
-            with contextlib.suppress(BackendError):
-                b.call("closeLedger", handle)
-            with contextlib.suppress(BackendError):
-                b.call("deleteLedger", ledger_id)
-            raise
-        return len(chain), ledger_id, handle, state
+            )
+            if new_version < 0:
+                chained = False
+                self.fenced = True
+                raise FencedError(f"writer {self.writer_id}: another writer extended the chain")
+            chained = True
+        finally:
+            if not chained:
+                with contextlib.suppress(BackendError):
+                    b.call("closeLedger", handle)
+                if chained is False:
+                    # Never chained: nobody can ever read it.
+                    with contextlib.suppress(BackendError):
+                        b.call("deleteLedger", ledger_id)
+        self._chain, self._chain_version = chain, new_version
+        return ledger_id, handle
 
     def _final_state(self, ledger_id: int) -> SequencerState:
         """Fence `ledger_id` (recovery-open closes it at its final LAC) and compute the
@@ -735,6 +894,7 @@ class BookKeeperLogWriter(LogWriter):
             while True:
                 got = unpack_entries(b.call("readEntries", handle, nxt, 100_000, _READ_BYTES))
                 if not got:
+                    self.scanned = (ledger_id, nxt - 1)
                     return state
                 for _eid, data in got:
                     state.advance(data)
@@ -761,8 +921,26 @@ class BookKeeperLogWriter(LogWriter):
             raise FencedError(f"writer {self.writer_id} lost the ledger")
         if not entries:
             return Position(self.index, self.last_entry + 1)
+        if self._handle < 0:
+            raise BackendError(f"writer {self.writer_id}: a rollover failed; it cannot append")
+        b = self.backend
+        if self._end_state is not None and (
+            self._ledger_entries >= b.roll_entries or self._ledger_bytes >= b.roll_bytes
+        ):
+            try:
+                SequencerState.from_bytes(self._end_state)
+            except FormatError:
+                # A header a takeover could not read would wedge the ledger: keep going in
+                # this ledger instead.
+                self._log.error(
+                    "not rolling over: the state passed with the last append is unreadable"
+                )
+                self._end_state = None
+            else:
+                self._roll(self._end_state)
+        packed = pack_entries(entries)
         try:
-            last = int(self.backend.call("addEntries", self._handle, pack_entries(entries)))
+            last = int(b.call("addEntries", self._handle, packed))
         except _JavaCallError as exc:
             if exc.fenced:
                 self.fenced = True
@@ -771,7 +949,26 @@ class BookKeeperLogWriter(LogWriter):
                 ) from exc
             raise
         self.last_entry = last
+        self._ledger_entries += len(entries)
+        self._ledger_bytes += len(packed)
+        self._end_state = bytes(state) if state else None
         return Position(self.index, last + 1)
+
+    def _roll(self, state: bytes) -> None:
+        """Continue in a new BookKeeper ledger headed by `state` (the sequencer state at the
+        end of the full one), so that a takeover scans at most one ledger's worth."""
+        old_handle = self._handle
+        # Whatever happens next, the old handle is closed or unusable: never add to it again.
+        self._handle = -1
+        ledger_id, handle = self._extend_chain(state, sealing=old_handle)
+        with self.backend._lock:
+            self.index += 1
+            self.ledger_id, self._handle = ledger_id, handle
+            self.last_entry = 0
+        self._ledger_entries = self._ledger_bytes = 0
+        self.rollovers += 1
+        self._log = self._log.bind(bk_ledger=ledger_id, index=self.index)
+        self._log.debug("rolled over to a new BookKeeper ledger")
 
     def check(self) -> None:
         if self.fenced:
@@ -794,8 +991,9 @@ class BookKeeperLogWriter(LogWriter):
         if self._heartbeat is not threading.current_thread():
             self._heartbeat.join(5)
         b = self.backend
-        with contextlib.suppress(BackendError):
-            b.call("closeLedger", self._handle)  # seals it: readers see its end at once
+        if self._handle >= 0:
+            with contextlib.suppress(BackendError):
+                b.call("closeLedger", self._handle)  # seals it: readers see its end at once
         if not self.fenced:
             _delete_claim(b, self._token)
         with b._lock:
@@ -817,16 +1015,29 @@ class BookKeeperIntakeProducer(IntakeProducer):
             b.call("createLedger", b.ensemble, b.write_quorum, b.ack_quorum, PASSWORD)
         )
         self.ledger_id = int(b.call("ledgerId", self._handle))
+        data = msgspec.msgpack.encode(self.ledger_id)
         while True:
             self.name = f"{client_id}.{secrets.token_hex(4)}"
-            data = msgspec.msgpack.encode(self.ledger_id)
+            # The liveness node first: a writer that lists the intake node then finds no
+            # liveness node knows the producer is gone, never merely not registered yet.
+            if not b.call("zkTryCreate", f"{b.alive_path}/{self.name}", b"", True):
+                continue
             if b.call("zkTryCreate", f"{b.intake_path}/{self.name}", data, False):
                 break
+            b.call("zkDelete", f"{b.alive_path}/{self.name}", -1)
         self._commit = GroupCommit(self._add)
 
     def _add(self, batch: list[bytes]) -> None:
         try:
             self.backend.call("addEntries", self._handle, pack_entries(batch))
+        except _JavaCallError as exc:
+            if exc.fenced:
+                raise BackendError(
+                    f"intake producer {self.name}: its ledger was fenced by the writer, which "
+                    f"judged the producer gone (its ZooKeeper session ended); open a new "
+                    f"producer ({exc})"
+                ) from exc
+            raise
         except BackendError:
             raise
         except Exception as exc:
@@ -838,8 +1049,13 @@ class BookKeeperIntakeProducer(IntakeProducer):
     def close(self) -> None:
         if not self._commit.close():
             return
+        with self.backend._lock:
+            if self in self.backend._producers:
+                self.backend._producers.remove(self)
         with contextlib.suppress(BackendError):
             self.backend.call("closeLedger", self._handle)
+        with contextlib.suppress(BackendError):
+            self.backend.call("zkDelete", f"{self.backend.alive_path}/{self.name}", -1)
 
 
 class BookKeeperIntakeConsumer(IntakeConsumer):
@@ -854,16 +1070,27 @@ class BookKeeperIntakeConsumer(IntakeConsumer):
             except (msgspec.DecodeError, AttributeError, ValueError, TypeError):
                 log.error("unreadable intake offsets in the ledger; rereading all intake ledgers")
         self._handed = dict(self._offsets)
+        # Offsets known to be in a durable record of the ledger: the resumed ones, then
+        # those of acknowledged items. Only these may decide that an intake ledger is spent.
+        self._durable = dict(self._offsets)
         self._handles: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self._ledgers: dict[str, int] = {}
+        self._final: dict[str, int] = {}  # gone producers: their fenced ledger's length
+        self._absent_since: dict[str, float] = {}
+        self._listed: set[str] = set()
         self._last_scan = 0.0
+        self._last_gc = time.monotonic()
+        self.collected: list[str] = []
+        """Intake producers whose ledgers this consumer deleted (oldest first)."""
 
     def _scan(self) -> None:
         self._last_scan = time.monotonic()
         b = self.backend
         listing = b.call("zkChildren", b.intake_path)
-        for name in (listing or "").split("/"):
-            if not name or name in self._handles:
+        self._listed = {n for n in (listing or "").split("/") if n}
+        for name in sorted(self._listed):
+            if name in self._handles:
                 continue
             raw = b.call("zkGet", f"{b.intake_path}/{name}")
             if raw is None:
@@ -877,7 +1104,83 @@ class BookKeeperIntakeConsumer(IntakeConsumer):
             handle = int(b.call("openLedgerNoRecovery", ledger_id, PASSWORD))
             self._handles[name] = handle
             self._names[handle] = name
+            self._ledgers[name] = ledger_id
             self._handed.setdefault(name, 0)
+
+    def _collect(self) -> None:
+        """Garbage-collect the intake ledgers of producers that are gone.
+
+        A producer is gone when its ephemeral liveness node is (it closed, or its process
+        and ZooKeeper session ended). Its ledger is then fenced by a recovery-open, which
+        also makes its last entries readable, so its final length is known; it is deleted
+        once a durable record's offsets cover that length. A new writer resumes from the
+        newest visible record's offsets, which cover it too, so no writer ever needs it.
+        The ZooKeeper node goes first (a crash before the ledger is deleted leaks a
+        ledger, never breaks a scan), and the name leaves the offsets only after that."""
+        self._last_gc = time.monotonic()
+        b = self.backend
+        alive = set((b.call("zkChildren", b.alive_path) or "").split("/"))
+        now = time.monotonic()
+        for name in sorted(self._ledgers):
+            if name in alive:
+                self._absent_since.pop(name, None)
+                continue
+            # A producer whose ZooKeeper session was replaced restores its node within a
+            # second or so: judge it gone only after a lease's worth of absence.
+            since = self._absent_since.setdefault(name, now)
+            if name not in self._final and now - since < max(b.lease_timeout, _GONE_GRACE_MIN):
+                continue
+            if name not in self._final and not self._fence_gone(name):
+                continue
+            if self._durable.get(name, 0) < self._final[name]:
+                continue
+            if b.call("zkGet", f"{b.intake_path}/{name}") is not None:
+                b.call("zkDelete", f"{b.intake_path}/{name}", -1)
+            try:
+                b.call("deleteLedger", self._ledgers[name])
+            except _JavaCallError as exc:
+                if not any(m in str(exc) for m in _NO_LEDGER_MARKERS):
+                    raise
+            self._forget(name)
+            self.collected.append(name)
+            log.info("collected a gone producer's intake ledger", producer=name)
+        # Offsets of producers collected before (by us or a deposed writer): their nodes
+        # are gone for good, so their offsets need not travel any more.
+        for name in [n for n in self._offsets if n not in self._listed and n not in alive]:
+            if name not in self._handles:
+                self._forget(name)
+
+    def _fence_gone(self, name: str) -> bool:
+        b = self.backend
+        try:
+            handle = int(b.call("openLedgerRecover", self._ledgers[name], PASSWORD))
+        except _JavaCallError as exc:
+            if any(m in str(exc) for m in _NO_LEDGER_MARKERS):
+                # Deleted by a writer deposed since: its offsets were durable already.
+                self._final[name] = 0
+                return True
+            raise
+        self._final[name] = int(b.call("lastAddConfirmed", handle)) + 1
+        # Read the rest through the recovered handle: it knows the final end, where a
+        # handle opened without recovery may never learn the last entry's confirmation.
+        old = self._handles.get(name, -1)
+        self._handles[name] = handle
+        self._names[handle] = name
+        if old >= 0:
+            self._names.pop(old, None)
+            with contextlib.suppress(BackendError):
+                b.call("closeLedger", old)
+        return True
+
+    def _forget(self, name: str) -> None:
+        handle = self._handles.pop(name, -1)
+        if handle >= 0:
+            self._names.pop(handle, None)
+            with contextlib.suppress(BackendError):
+                self.backend.call("closeLedger", handle)
+        for table in (self._offsets, self._handed, self._durable, self._final, self._ledgers):
+            table.pop(name, None)
+        self._absent_since.pop(name, None)
 
     def poll(self, max_items: int = 1024, timeout: float = 0.0) -> list[IntakeItem]:
         deadline = time.monotonic() + timeout
@@ -885,6 +1188,12 @@ class BookKeeperIntakeConsumer(IntakeConsumer):
         while True:
             if time.monotonic() - self._last_scan > _INTAKE_RESCAN:
                 self._scan()
+            if time.monotonic() - self._last_gc > _INTAKE_GC_INTERVAL:
+                try:
+                    self._collect()
+                except BackendError as exc:
+                    # Collecting is housekeeping: retry later rather than lose the term.
+                    log.warning("intake garbage collection failed", error=str(exc))
             names = sorted(n for n, h in self._handles.items() if h >= 0)
             items: list[IntakeItem] = []
             if names:
@@ -909,8 +1218,8 @@ class BookKeeperIntakeConsumer(IntakeConsumer):
             length = int.from_bytes(view[pos + 16 : pos + 20], "big")
             data = bytes(view[pos + 20 : pos + 20 + length])
             pos += 20 + length
-            name = self._names[handle]
-            if entry_id != self._handed[name]:
+            name = self._names.get(handle)
+            if name is None or entry_id != self._handed[name]:
                 continue  # a read raced with a rescan: never skip or repeat an entry
             self._handed[name] = entry_id + 1
             items.append(IntakeItem(data, (name, entry_id + 1)))
@@ -922,6 +1231,12 @@ class BookKeeperIntakeConsumer(IntakeConsumer):
             if nxt > self._offsets.get(name, 0):
                 self._offsets[name] = nxt
         return msgspec.msgpack.encode(dict(sorted(self._offsets.items())))
+
+    def ack(self, items: Sequence[IntakeItem]) -> None:
+        for it in items:
+            name, nxt = it.token
+            if name in self._ledgers and nxt > self._durable.get(name, 0):
+                self._durable[name] = nxt
 
     def close(self) -> None:
         for handle in self._handles.values():

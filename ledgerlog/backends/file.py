@@ -245,6 +245,9 @@ class _ChainCursor:
                     )
                 self.offset = f.end
                 if len(out) >= max_entries:
+                    # Complete frames may remain before `stop` (and `stop` may be a read
+                    # limit, not a torn tail): not stopped at the tail, whatever was seen.
+                    self.stalled = False
                     return out
             if sealed_to:
                 self._move(sealed_to)

@@ -334,7 +334,11 @@ def _unread_tail(k: Key, longest: tuple[Value, ...], txns: list[Txn]) -> tuple[V
 
 def _add_realtime(g: Graph, txns: list[Txn], nodes: set[int]) -> None:
     """rt edges, transitively reduced as in Elle: a txn invoked gets an edge from every txn
-    on the current frontier of completed ones; when it completes ok it replaces them."""
+    on the current frontier of completed ones; when it completes ok it replaces them.
+
+    A txn whose invocation says ``"sync": false`` read a replica that may lag: it gets no
+    incoming rt edge (nothing it missed is an anomaly), so it replaces nobody on the
+    frontier either; its own completion still precedes later txns."""
     events: list[tuple[int, int, Txn]] = []
     for t in txns:
         if t.id not in nodes:
@@ -347,6 +351,8 @@ def _add_realtime(g: Graph, txns: list[Txn], nodes: set[int]) -> None:
     preds: dict[int, list[int]] = {}
     for pos, kind, t in events:
         if kind == 1:
+            if not t.realtime:
+                continue
             preds[t.id] = sorted(frontier)
             for p in preds[t.id]:
                 a = frontier[p]

@@ -52,6 +52,9 @@ class Op:
     process: Process
     index: int
     time: int | None = None
+    # False when the client did not sync() before this invocation: real-time order then
+    # says nothing about what it may read (see check_list_append(realtime=True)).
+    sync: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "f": self.f}
@@ -64,6 +67,8 @@ class Op:
         out["process"] = self.process
         if self.time is not None:
             out["time"] = self.time
+        if self.sync is not None:
+            out["sync"] = self.sync
         out["index"] = self.index
         return out
 
@@ -84,6 +89,7 @@ class Txn:
     ops: tuple[MicroOp, ...]
     invoke_pos: int
     complete_pos: int | None
+    realtime: bool = True  # its invocation did not say "sync": false
 
     def appends(self) -> Iterator[tuple[Key, Value]]:
         for m in self.ops:
@@ -167,7 +173,10 @@ def _parse_op(raw: Any, pos: int) -> Op:
     if time is not None and (isinstance(time, bool) or not isinstance(time, int)):
         raise HistoryError(f"{where}: time must be an int (ns), not {time!r}")
     value = _parse_value(raw.get("value"), where) if f == "txn" else None
-    return Op(typ, f, value, process, index, time)
+    sync = raw.get("sync")
+    if sync is not None and not isinstance(sync, bool):
+        raise HistoryError(f"{where}: sync must be true, false or absent, not {sync!r}")
+    return Op(typ, f, value, process, index, time, sync)
 
 
 class History:
@@ -264,10 +273,12 @@ class History:
             assert inv.value is not None
             status: Status = "ok" if op.type == "ok" else "fail" if op.type == "fail" else "info"
             ops = _check_completion(inv.value, op.value, where) if status == "ok" else inv.value
-            txns.append(Txn(inv.index, op.process, status, ops, ipos, pos))
+            txns.append(Txn(inv.index, op.process, status, ops, ipos, pos, inv.sync is not False))
         for ipos, inv in pending.values():
             assert inv.value is not None
-            txns.append(Txn(inv.index, inv.process, "info", inv.value, ipos, None))
+            txns.append(
+                Txn(inv.index, inv.process, "info", inv.value, ipos, None, inv.sync is not False)
+            )
         txns.sort(key=lambda t: t.invoke_pos)
         return txns
 

@@ -247,6 +247,93 @@ def writer(ledger: str, writer_id: str | None) -> None:
 
 
 @cli.group()
+def check() -> None:
+    """Consistency checks: run workloads under faults, check histories."""
+
+
+@check.command("run")
+@click.argument("ledger")
+@click.option(
+    "--workload",
+    type=click.Choice(["list-append", "bank"]),
+    default="list-append",
+    show_default=True,
+)
+@click.option("--clients", default=2, show_default=True, help="Client processes.")
+@click.option("--threads", default=3, show_default=True, help="Threads per client process.")
+@click.option("--writers", default=2, show_default=True, help="Writer processes (standbys).")
+@click.option("--seconds", default=20.0, show_default=True, help="How long to run.")
+@click.option(
+    "--faults",
+    default="",
+    help="Comma-separated: kill-writer, pause-writer, kill-client (restart-broker,"
+    " pause-broker and proxy need servers started by the harness's Python API).",
+)
+@click.option("--seed", default=None, type=int, help="Random seed (default: from the clock).")
+@click.option("--out", "out_dir", default=None, help="Run directory (history.json goes there).")
+@click.option(
+    "--realtime/--no-realtime",
+    default=True,
+    show_default=True,
+    help="Also check strict serializability for clients that sync().",
+)
+@click.option("--lease-timeout", default=None, type=float, help="Embedded writers' lease (s).")
+def check_run(
+    ledger: str,
+    workload: str,
+    clients: int,
+    threads: int,
+    writers: int,
+    seconds: float,
+    faults: str,
+    seed: int | None,
+    out_dir: str | None,
+    realtime: bool,
+    lease_timeout: float | None,
+) -> None:
+    """Drive concurrent clients on LEDGER under faults, record a history, check it."""
+    import tempfile
+    from pathlib import Path
+
+    from ledgerlog.check.run import RunConfig, parse_faults, run_check
+
+    options: dict[str, Any] = {}
+    if lease_timeout is not None:
+        options["lease_timeout"] = lease_timeout
+    cfg = RunConfig(
+        url=ledger,
+        out_dir=Path(out_dir or tempfile.mkdtemp(prefix="ledgerlog-check-")),
+        workload=workload,
+        clients=clients,
+        threads=threads,
+        writers=writers,
+        seconds=seconds,
+        faults=parse_faults(faults),
+        seed=seed if seed is not None else time.time_ns() % 1_000_000,
+        realtime=realtime,
+        backend_options=options,
+    )
+    try:
+        report = run_check(cfg)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not report.valid:
+        raise SystemExit(1)
+
+
+@check.command("history")
+@click.argument("history")
+@click.option("--realtime", is_flag=True, help="Also check strict serializability.")
+def check_history(history: str, realtime: bool) -> None:
+    """Check a list-append history file (as ``python -m ledgerlog.check``)."""
+    from ledgerlog.check.__main__ import main as check_main
+
+    code = check_main([history, *(["--realtime"] if realtime else [])])
+    if code:
+        raise SystemExit(code)
+
+
+@cli.group()
 def dev() -> None:
     """Real servers on 127.0.0.1 for development (JVM processes from Maven jars)."""
 

@@ -67,6 +67,12 @@ public final class Gateway {
     private volatile BookKeeper bk;
     private volatile ZooKeeper zk;
     private volatile long addWaitMillis = 120_000;
+    private volatile String zkConnectString;
+    private volatile int zkSessionTimeoutMs = ZK_SESSION_TIMEOUT_MS;
+    /** Set by the session's watcher when ZooKeeper expired it: the next call starts anew. */
+    private volatile boolean zkExpired;
+    /** How many ZooKeeper sessions this gateway has had (ephemeral nodes die with each). */
+    private final AtomicInteger zkSessions = new AtomicInteger();
 
     // ------------------------------------------------------------------ connection
 
@@ -83,13 +89,16 @@ public final class Gateway {
         if (bk != null) {
             throw new IllegalStateException("already connected");
         }
-        ClientConfiguration conf = new ClientConfiguration();
-        conf.setMetadataServiceUri("zk+hierarchical://" + zkConnect + "/ledgers");
-        conf.setZkTimeout(ZK_SESSION_TIMEOUT_MS);
-        // The default (5000) is a per-handle RateLimiter of 5000 adds/s: batching needs it off.
-        conf.setThrottleValue(0);
         Properties extra = new Properties();
         extra.load(new StringReader(clientProperties == null ? "" : clientProperties));
+        if (extra.containsKey("ledgerlog.zkSessionTimeoutMs")) {
+            zkSessionTimeoutMs = Integer.parseInt(extra.getProperty("ledgerlog.zkSessionTimeoutMs"));
+        }
+        ClientConfiguration conf = new ClientConfiguration();
+        conf.setMetadataServiceUri("zk+hierarchical://" + zkConnect + "/ledgers");
+        conf.setZkTimeout(zkSessionTimeoutMs);
+        // The default (5000) is a per-handle RateLimiter of 5000 adds/s: batching needs it off.
+        conf.setThrottleValue(0);
         for (String key : extra.stringPropertyNames()) {
             conf.setProperty(key, extra.getProperty(key));
         }
@@ -97,16 +106,8 @@ public final class Gateway {
             addWaitMillis = Long.parseLong(extra.getProperty("ledgerlog.addWaitMillis"));
         }
 
-        CountDownLatch connected = new CountDownLatch(1);
-        ZooKeeper session = new ZooKeeper(zkConnect, ZK_SESSION_TIMEOUT_MS, event -> {
-            if (event.getState() == KeeperState.SyncConnected) {
-                connected.countDown();
-            }
-        });
-        if (!connected.await(30, TimeUnit.SECONDS)) {
-            session.close();
-            throw new IOException("timed out connecting to ZooKeeper at " + zkConnect);
-        }
+        zkConnectString = zkConnect;
+        ZooKeeper session = newSession(30_000);
         try {
             bk = BookKeeper.forConfig(conf).build();
         } catch (Exception e) {
@@ -116,8 +117,93 @@ public final class Gateway {
         zk = session;
     }
 
+    /**
+     * A new ZooKeeper session, connected within {@code waitMillis}. Its watcher marks it
+     * expired when ZooKeeper expires it, so that the next call opens another one: an expired
+     * ZooKeeper handle never recovers by itself, and every call on it would fail forever.
+     */
+    private ZooKeeper newSession(long waitMillis) throws Exception {
+        CountDownLatch connected = new CountDownLatch(1);
+        ZooKeeper[] self = new ZooKeeper[1];
+        ZooKeeper session = new ZooKeeper(zkConnectString, zkSessionTimeoutMs, event -> {
+            if (event.getState() == KeeperState.SyncConnected) {
+                connected.countDown();
+            } else if (event.getState() == KeeperState.Expired) {
+                synchronized (self) {
+                    if (self[0] != null && self[0] == zk) {
+                        zkExpired = true;
+                    }
+                }
+            }
+        });
+        synchronized (self) {
+            self[0] = session;
+        }
+        if (!connected.await(waitMillis, TimeUnit.MILLISECONDS)) {
+            session.close();
+            throw new IOException("ZooKeeperUnavailable: no ZooKeeper session with "
+                    + zkConnectString + " within " + waitMillis + " ms");
+        }
+        zkSessions.incrementAndGet();
+        return session;
+    }
+
+    /**
+     * Replaces an expired ZooKeeper session (ephemeral nodes of the old one are gone: the
+     * Python side learns it from {@link #zkSessionCount()} and the nodes' absence).
+     */
+    private synchronized ZooKeeper renewSession() throws Exception {
+        ZooKeeper old = zk;
+        if (old != null && !zkExpired && old.getState().isAlive()) {
+            return old;
+        }
+        if (old != null) {
+            try {
+                old.close();
+            } catch (InterruptedException e) {
+                Thread.currentThread().interrupt();
+            }
+        }
+        zk = null;
+        ZooKeeper fresh = newSession(Math.max(2L * zkSessionTimeoutMs, 5_000L));
+        zkExpired = false;
+        zk = fresh;
+        return fresh;
+    }
+
+    /**
+     * How many ZooKeeper sessions this gateway has opened (it opens one per expiry); opens
+     * the next one first if the current one has expired, so polling it keeps a session.
+     */
+    public int zkSessionCount() throws Exception {
+        session();
+        return zkSessions.get();
+    }
+
+    /**
+     * Ends this gateway's ZooKeeper session from the server's side, as an expiry does:
+     * another client attaches to the same session and closes it (for fault tests).
+     */
+    public void zkExpireSession() throws Exception {
+        ZooKeeper z = session();
+        CountDownLatch connected = new CountDownLatch(1);
+        ZooKeeper twin = new ZooKeeper(zkConnectString, zkSessionTimeoutMs, event -> {
+            if (event.getState() == KeeperState.SyncConnected) {
+                connected.countDown();
+            }
+        }, z.getSessionId(), z.getSessionPasswd());
+        try {
+            if (!connected.await(10, TimeUnit.SECONDS)) {
+                throw new IOException("could not attach to the session to expire it");
+            }
+        } finally {
+            twin.close();
+        }
+    }
+
     /** Closes every handle, the BookKeeper client and the ZooKeeper session. */
     public synchronized void disconnect() throws Exception {
+        zkConnectString = null;
         for (Long id : List.copyOf(handles.keySet())) {
             LedgerHandle lh = handles.remove(id);
             readers.remove(id);
@@ -170,6 +256,11 @@ public final class Gateway {
     /** Returns "ok"; the cost of one round trip. */
     public String ping() {
         return "ok";
+    }
+
+    /** Returns the length of {@code data}; measures the cost of a request of a given size. */
+    public int sinkBytes(byte[] data) {
+        return data.length;
     }
 
     /** Returns {@code n} bytes; measures the cost of a response of a given size. */
@@ -518,8 +609,23 @@ public final class Gateway {
         return readEntries(handleId, firstEntryId, Integer.MAX_VALUE - 1, maxBytes);
     }
 
+    /**
+     * The bookies of every ensemble a handle's ledger has had, "/"-joined (for tests that
+     * need to kill a bookie the ledger writes to).
+     */
+    public String ledgerBookies(long handleId) {
+        Set<String> ids = new java.util.TreeSet<>();
+        for (List<org.apache.bookkeeper.net.BookieId> ensemble
+                : handle(handleId).getLedgerMetadata().getAllEnsembles().values()) {
+            for (org.apache.bookkeeper.net.BookieId b : ensemble) {
+                ids.add(b.toString());
+            }
+        }
+        return String.join("/", ids);
+    }
+
     /** The ZooKeeper session id (ephemeral nodes belong to it), in hex. */
-    public String zkSessionId() {
+    public String zkSessionId() throws Exception {
         return Long.toHexString(session().getSessionId());
     }
 
@@ -533,10 +639,13 @@ public final class Gateway {
         return c;
     }
 
-    private ZooKeeper session() {
+    private ZooKeeper session() throws Exception {
         ZooKeeper z = zk;
-        if (z == null) {
+        if (z == null && zkConnectString == null) {
             throw new IllegalStateException("not connected: call connect(zkConnect) first");
+        }
+        if (z == null || zkExpired || !z.getState().isAlive()) {
+            return renewSession();
         }
         return z;
     }

@@ -1,0 +1,149 @@
+"""Helpers the benchmarks share: quiet logging, percentiles, a ``ledgerlog writer``
+process, and spawn-and-collect of client processes started together on a signal."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import queue
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+
+def quiet() -> None:
+    """Warnings and errors only: per-connection INFO lines would swamp the figures."""
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    logging.getLogger("ledgerlog.pulsar.client").setLevel(logging.ERROR)
+
+
+def pulsar_logger() -> logging.Logger:
+    """A logger for raw ``pulsar.Client(..., logger=...)`` that keeps errors only."""
+    logger = logging.getLogger("bench.pulsar-client")
+    logger.setLevel(logging.ERROR)
+    return logger
+
+
+def pct(sorted_values: Sequence[float], q: float) -> float:
+    """The `q` quantile (0..1) of already sorted values; NaN when there are none."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def get_result(q: Any, procs: Sequence[Any], timeout: float) -> Any:
+    """The next result from `q`; fails fast when a child process died instead."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a benchmark process exited ({dead[0].exitcode})") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no benchmark result in {timeout}s") from None
+
+
+def run_processes(
+    target: Callable[..., None],
+    argses: Sequence[tuple[Any, ...]],
+    *,
+    ready_timeout: float = 180.0,
+    result_timeout: float = 240.0,
+    on_go: Callable[[], None] | None = None,
+    on_done: Callable[[], None] | None = None,
+) -> tuple[list[Any], float]:
+    """Start one spawned process per args tuple, each running ``target(*args, go, q)``;
+    a target puts ``("ready", None)`` on `q` once set up, waits for `go`, does its work
+    and puts ``("result", value)``. Returns the results (in arrival order) and the
+    seconds from the go signal to the last result, so set-up (a replica catching up, a
+    broker connection) stays out of the measured window. `on_go` runs just before the
+    signal and `on_done` just after the last result (to measure around the window)."""
+    ctx = mp.get_context("spawn")
+    q, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=target, args=(*a, go, q), daemon=True) for a in argses]
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            kind, _value = get_result(q, procs, ready_timeout)
+            assert kind == "ready", kind
+        if on_go is not None:
+            on_go()
+        started = time.monotonic()
+        go.set()
+        results = []
+        for _ in procs:
+            kind, value = get_result(q, procs, result_timeout)
+            assert kind == "result", kind
+            results.append(value)
+        elapsed = time.monotonic() - started
+        if on_done is not None:
+            on_done()
+        for p in procs:
+            p.join(60)
+        return results, elapsed
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+
+
+@contextlib.contextmanager
+def writer_process(
+    target: str, writer_id: str = "bench-writer", options: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``ledgerlog [OPTIONS] writer TARGET`` process for the duration of the block."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledgerlog", *options, "writer", target, "--writer-id", writer_id],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def tree_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes, their live descendants
+    and the children they have reaped (a server's exited backends). Take the difference
+    of two calls; needs psutil (a test extra, installed by scripts/setup)."""
+    import psutil
+
+    total = 0.0
+    seen: set[int] = set()
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in tree:
+            if proc.pid in seen:
+                continue
+            seen.add(proc.pid)
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, to print beside figures (others share the machine)."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
