@@ -224,14 +224,36 @@ def _peak(db: Any, rnd: random.Random, batch: float, seconds: float) -> dict[str
 
 
 def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str, Any]:
+    import threading
+
     import ledgerlog
 
+    # Outcomes are tallied by the futures' callbacks, and no future is kept: a list of
+    # every future of the run (tens of thousands, a dozen GC-tracked objects each) made
+    # this process's own cyclic-GC passes grow to hundreds of milliseconds, which then
+    # showed up as ledgerlog's commit latency.
     latencies: list[float] = []
-    futs: list[Any] = []
-    aborted = 0
+    tally = {"committed": 0, "aborted": 0, "open": 0}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    settled = threading.Condition(lock)
     warmup = 1.0
     t0 = time.perf_counter()
     submitted = 0
+
+    def decided(f: Any, at: float) -> None:
+        took = time.perf_counter() - at
+        error = f.exception()
+        committed = error is None and f.result().committed
+        with lock:
+            if error is not None:
+                errors.append(error)
+            if at - t0 >= warmup:
+                latencies.append(took)
+            tally["committed" if committed else "aborted"] += 1
+            tally["open"] -= 1
+            settled.notify_all()
+
     while True:
         now = time.perf_counter()
         if now - t0 >= seconds:
@@ -244,24 +266,20 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
                     txs.append(_transfer(db, rnd))
                     scheduled.append(t0 + (submitted + i) / rate)
                 except ledgerlog.ConflictError:
-                    aborted += 1
+                    with lock:
+                        tally["aborted"] += 1
             submitted += due
+            with lock:
+                tally["open"] += len(txs)
             for f, at in zip(db.submit_many(txs), scheduled, strict=True):
-                if at - t0 >= warmup:
-
-                    def record(_f: Any, at: float = at) -> None:
-                        latencies.append(time.perf_counter() - at)
-
-                    f.add_done_callback(record)
-                futs.append(f)
+                f.add_done_callback(lambda f, at=at: decided(f, at))
         time.sleep(max(0.0, PACE_TICK - (time.perf_counter() - now)))
-    committed = 0
-    for f in futs:
-        if f.result(60).committed:
-            committed += 1
-        else:
-            aborted += 1
-    return {"committed": committed, "aborted": aborted, "latencies": latencies}
+    with lock:
+        if not settled.wait_for(lambda: tally["open"] == 0, timeout=60):
+            raise TimeoutError(f"{tally['open']} transactions without a decision after 60s")
+    if errors:
+        raise errors[0]
+    return {"committed": tally["committed"], "aborted": tally["aborted"], "latencies": latencies}
 
 
 def _run_clients(

@@ -383,7 +383,7 @@ def children(tmp_path: Path) -> Iterator[list[Child]]:
 def test_from_url_parses_and_validates() -> None:
     b = PulsarBackend.from_url(
         "pulsar://127.0.0.1:6650/acme/ledgers/orders?token=t0k&lease_timeout=3"
-        "&tls_validate_hostname=false",
+        "&tls_validate_hostname=false&max_pending_appends=3",
         append_timeout=5,
     )
     try:
@@ -391,6 +391,7 @@ def test_from_url_parses_and_validates() -> None:
         assert b.intake_topic == "persistent://acme/ledgers/orders-intake"
         assert b.lease_topic == "non-persistent://acme/ledgers/orders-lease"
         assert b.lease_timeout == 3.0 and b.append_timeout == 5.0
+        assert b.max_pending_appends == 3
         assert "t0k" not in b.url
     finally:
         b.close()
@@ -401,6 +402,7 @@ def test_from_url_parses_and_validates() -> None:
         "pulsar://h:6650/x-intake",
         "pulsar://user:pw@h:6650/x",
         "pulsar://h:6650/x?lease_timeout=-1",
+        "pulsar://h:6650/x?max_pending_appends=0",
     ):
         with pytest.raises(ConfigError):
             PulsarBackend.from_url(bad)
@@ -466,6 +468,42 @@ def test_positions_survive_missing_entries_and_ledger_rollover(local_pulsar: Any
         lw.close()
     finally:
         backend.close()
+
+
+def test_pipelined_appends_of_a_fenced_writer_all_fail(local_pulsar: Any) -> None:
+    ledger = f"pipe-{uuid.uuid4().hex[:10]}"
+    a = PulsarBackend(local_pulsar.service_url, ledger, lease_timeout=LEASE)
+    b = PulsarBackend(local_pulsar.service_url, ledger, lease_timeout=LEASE)
+    try:
+        old = a.campaign("old", timeout=30)
+        assert old.max_pending_appends > 1
+        landed = [old.append_async([f"old-{i}".encode()], b"") for i in range(4)]
+        assert [p.result(30) for p in landed] == sorted(p.result(30) for p in landed)
+        old.stop_heartbeat()  # hangs, as far as the lease tells: b fences it
+        new = b.campaign("new", timeout=30)
+        new.append([b"new-0"], b"")
+        # Appends the deposed writer starts now fail, all of them, and none lands.
+        failed = 0
+        for i in range(4):
+            try:
+                pending = old.append_async([f"late-{i}".encode()], b"")
+                pending.result(30)
+            except ledgerlog.FencedError:
+                failed += 1
+        assert failed == 4
+        new.append([b"new-1"], b"")
+        with b.reader(START) as r:
+            got: list[bytes] = []
+            deadline = time.monotonic() + 30
+            while len(got) < 6 and time.monotonic() < deadline:
+                got.extend(e.data for e in r.read(64, timeout=0.5))
+            got.extend(e.data for e in r.read(64, timeout=0.5))
+        assert got == [b"old-0", b"old-1", b"old-2", b"old-3", b"new-0", b"new-1"]
+        new.close()
+        old.close()
+    finally:
+        a.close()
+        b.close()
 
 
 def test_end_is_one_cheap_round_trip(local_pulsar: Any) -> None:

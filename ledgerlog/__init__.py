@@ -95,7 +95,9 @@ if not structlog.is_configured():
         logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
     )
 
-_CLIENT_OPTIONS = frozenset({"client_id", "writer", "views", "window", "timeout", "start"})
+_CLIENT_OPTIONS = frozenset(
+    {"client_id", "writer", "views", "window", "timeout", "start", "freeze_gc"}
+)
 
 
 def open(
@@ -106,13 +108,15 @@ def open(
     views: Sequence[View] = (),
     window: int = DEFAULT_WINDOW,
     timeout: float = 30.0,
+    freeze_gc: bool = True,
     **backend_options: Any,
 ) -> Client:
     """Open a ledger and return a started :class:`Client`.
 
     `target` is a directory path or ``file://`` URL (the embedded backend, created if
     missing), a ``pulsar://`` or ``bookkeeper://`` URL, or a Backend object. Other keyword
-    arguments go to the backend (e.g. ``fsync=False`` for the file backend).
+    arguments go to the backend (e.g. ``fsync=False`` for the file backend);
+    ``freeze_gc``: see :class:`Client`.
     """
     check_client_options(client_id=client_id, writer=writer, window=window, timeout=timeout)
     backend = open_backend(target, **backend_options)
@@ -125,6 +129,7 @@ def open(
             window=window,
             timeout=timeout,
             owns_backend=not isinstance(target, Backend),
+            freeze_gc=freeze_gc,
         )
     except BaseException:
         if not isinstance(target, Backend):

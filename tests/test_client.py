@@ -732,3 +732,71 @@ def test_range_is_a_snapshot_even_when_a_batch_lands_mid_read(
         return  # also acceptable: the change was noticed
     monkeypatch.undo()
     assert rows == [("user:1", "ann")]  # the state at tx.read_version
+
+
+_FREEZE_SCRIPT = textwrap.dedent(
+    """
+    import gc, sys, time
+    import ledgerlog
+
+    freeze = sys.argv[2] == "on"
+    before = gc.get_freeze_count()
+    with ledgerlog.open(sys.argv[1], client_id="gc", freeze_gc=freeze) as db:
+        db.wait_writer()
+        with db.transaction() as tx:
+            tx.put("k", 1)
+        deadline = time.monotonic() + 10
+        while freeze and gc.get_freeze_count() == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not freeze:
+            time.sleep(1.0)  # long past the replica's first idle poll
+        print(before, gc.get_freeze_count())
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_client_freezes_the_gc_once_caught_up_unless_told_not_to(tmp_path: Path, mode: str) -> None:
+    # In a process of its own: gc.freeze() is process-wide and happens once.
+    out = subprocess.run(
+        [sys.executable, "-c", _FREEZE_SCRIPT, str(tmp_path / "ledger"), mode],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert before == 0
+    assert (after > 0) if mode == "on" else (after == 0)
+
+
+@pytest.mark.timeout(60)
+def test_submit_many_returns_each_transactions_decision_in_order(tmp_path: Path) -> None:
+    with ledgerlog.open(tmp_path / "ledger", client_id="many") as db:
+        db.wait_writer()
+        with db.transaction() as tx:
+            tx.put("x", 0)
+        db.sync()
+        txs = []
+        for i in range(5):
+            tx = db.transaction()
+            tx.get("x")  # all read x at the same version: only the first commits
+            tx.put("x", i)
+            txs.append(tx)
+        reader_only = db.transaction()
+        reader_only.get("x")
+        txs.insert(2, reader_only)
+        blind = db.transaction()
+        blind.put("y", 1)
+        txs.append(blind)
+        futs = db.submit_many(txs)
+        decisions = [f.result(10) for f in futs]
+        assert [d.txn_id for d in decisions] == [tx.txn_id for tx in txs]
+        assert [d.committed for d in decisions] == [True, False, True, False, False, False, True]
+        assert decisions[2].detail == "read-only" and decisions[2].seq is None
+        assert all(d.reason is AbortReason.CONFLICT for d in decisions if not d.committed)
+        assert db.get("x") == 0 and db.get("y") == 1
+        # Nothing is left waiting in the replica once every decision arrived.
+        assert not db.reader._waiters

@@ -97,3 +97,42 @@ def test_a_failing_view_stops_the_reader_instead_of_skipping_a_batch(tmp_path: P
     finally:
         r.close()
         backend.close()
+
+
+@pytest.mark.timeout(60)
+def test_views_that_never_restart_a_reader_get_no_validator_snapshots(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    with ledgerlog.open(path, client_id="w") as db:
+        db.wait_writer()
+        for i in range(10):
+            with db.transaction() as tx:
+                tx.put(f"k{i}", i)
+        db.sync()
+        digest = db.digest
+        # A client's own replica is rebuilt with the client: it takes no snapshots.
+        ck = db.view.checkpoint()
+        assert ck is not None and ck.next_seq == 11 and ck.validator_state == b""
+    backend = FileBackend(path)
+    try:
+        volatile = ledgerlog.MemoryView(snapshots=False)
+        r = ledgerlog.Reader(backend, [volatile], name="volatile", snapshot_every=2)
+        r.poll(max_entries=4)  # the epoch start and 3 records
+        ck = volatile.checkpoint()
+        assert ck is not None and ck.next_seq == 4 and ck.validator_state == b""
+        r.close()
+        # Restarted over the same view, the reader re-validates from the ledger's start
+        # but applies only what the view lacks, and reaches the same digest.
+        r = ledgerlog.Reader(backend, [volatile], name="volatile")
+        r.catch_up(timeout=10)
+        assert r.digest == digest and volatile.applied_seq == 10
+        assert [volatile.get(f"k{i}") for i in range(10)] == list(range(10))
+        r.close()
+        # A view that can use a snapshot still gets one, beside one that cannot.
+        kept = ledgerlog.MemoryView()
+        r = ledgerlog.Reader(backend, [kept, ledgerlog.MemoryView(snapshots=False)], name="mixed")
+        r.catch_up(timeout=10)
+        ck = kept.checkpoint()
+        assert ck is not None and ck.validator_state != b""
+        r.close()
+    finally:
+        backend.close()

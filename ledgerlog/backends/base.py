@@ -183,10 +183,41 @@ class IntakeProducer(abc.ABC):
     def close(self) -> None: ...
 
 
+class PendingAppend(abc.ABC):
+    """An append started by :meth:`LogWriter.append_async`."""
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """True once :meth:`result` would return or raise at once."""
+
+    @abc.abstractmethod
+    def result(self, timeout: float | None = None) -> Position:
+        """Wait for the append: the position after its last entry, or the error
+        :meth:`LogWriter.append` would raise (FencedError, BackendError). TimeoutError
+        when `timeout` passes first (the append is still pending)."""
+
+
+class CompletedAppend(PendingAppend):
+    """An append that already finished (the default :meth:`LogWriter.append_async`)."""
+
+    def __init__(self, position: Position) -> None:
+        self._position = position
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Position:
+        return self._position
+
+
 class LogWriter(abc.ABC):
     """The handle of the ledger's elected writer. Only one is valid at a time."""
 
     writer_id: str
+
+    max_pending_appends: int = 1
+    """How many :meth:`append_async` calls may be pending at once. 1: the backend does
+    not pipeline, and the writer waits for each append before taking more intake."""
 
     @abc.abstractmethod
     def recovery_point(self) -> tuple[Position, bytes | None]:
@@ -199,6 +230,13 @@ class LogWriter(abc.ABC):
         `state` is the sequencer state after them, for backends that keep restart points,
         or b"" when the writer does not know it yet (its own epoch start).
         Raises FencedError if another writer took over (the entries then never count)."""
+
+    def append_async(self, entries: Sequence[bytes], state: bytes) -> PendingAppend:
+        """Start :meth:`append` without waiting for it. Appends land in the order they
+        were started, and once one fails no later one of this writer lands either
+        (a backend that cannot promise that keeps :attr:`max_pending_appends` at 1).
+        The default appends synchronously."""
+        return CompletedAppend(self.append(entries, state))
 
     @abc.abstractmethod
     def check(self) -> None:

@@ -62,6 +62,19 @@ safety need. :meth:`PulsarLogWriter.append` bounds its own wait (``append_timeou
 then raises :class:`BackendError`; the writer then resigns, which closes the producer and
 fails its pending messages, so nothing of that term can land after a later append.
 
+**Pipelined appends.** :meth:`PulsarLogWriter.append_async` sends and returns; up to
+``max_pending_appends`` appends (default 8; ``max_in_flight`` bounds their messages) are
+in flight at once, so the writer batches the next intake while the broker persists the
+previous records. One producer without batching sends them in order and the broker
+persists them in order. The first failed send marks the writer fenced or broken at once
+(from the client's callback): no append starts after it, and the writer resigns when it
+retires the failed append, closing the producer as above. The one case where a later
+message can still land after an earlier one failed is the broker rejecting a single
+message as corrupt (a checksum error on the wire) while the next ones were already on
+their way - as already within one multi-record append before pipelining. The
+transactions of the lost record then never get a decision (their clients see
+:class:`CommitUnknownError` and may resubmit); nothing reported committed is affected.
+
 **Intake.** Clients publish submissions to the intake topic, one message per submission
 (never batched, so message ids are exact too), and wait for the broker's acknowledgement:
 the submission is then in the bookie's journal. Many submits in flight share the journal's
@@ -114,12 +127,14 @@ from pulsar.exceptions import PulsarException
 
 from ledgerlog.backends.base import (
     Backend,
+    CompletedAppend,
     Entry,
     IntakeConsumer,
     IntakeItem,
     IntakeProducer,
     LogReader,
     LogWriter,
+    PendingAppend,
 )
 from ledgerlog.backends.file import check_client_id
 from ledgerlog.errors import (
@@ -146,6 +161,7 @@ DEFAULT_OPERATION_TIMEOUT: Final = 30.0
 DEFAULT_APPEND_TIMEOUT: Final = 60.0
 DEFAULT_CAMPAIGN_INTERVAL: Final = 0.2
 DEFAULT_MAX_IN_FLIGHT: Final = 1000
+DEFAULT_MAX_PENDING_APPENDS: Final = 8
 
 WRITER_SUBSCRIPTION: Final = "ledgerlog-writer"
 END_SUBSCRIPTION: Final = "ledgerlog-end"
@@ -264,6 +280,7 @@ _URL_PARAMS: Final[Mapping[str, tuple[str, Callable[[str, str], Any]]]] = {
     "append_timeout": ("append_timeout", _as_float),
     "campaign_interval": ("campaign_interval", _as_float),
     "max_in_flight": ("max_in_flight", _as_int),
+    "max_pending_appends": ("max_pending_appends", _as_int),
     "use_tls": ("use_tls", _as_bool),
     "tls_trust_certs_file_path": ("tls_trust_certs_file_path", lambda _n, v: v),
     "tls_allow_insecure_connection": ("tls_allow_insecure_connection", _as_bool),
@@ -293,6 +310,7 @@ class PulsarBackend(Backend):
         append_timeout: float = DEFAULT_APPEND_TIMEOUT,
         campaign_interval: float = DEFAULT_CAMPAIGN_INTERVAL,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_pending_appends: int = DEFAULT_MAX_PENDING_APPENDS,
         use_tls: bool | None = None,
         tls_trust_certs_file_path: str | None = None,
         tls_allow_insecure_connection: bool = False,
@@ -319,6 +337,9 @@ class PulsarBackend(Backend):
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ConfigError("max_in_flight must be a positive integer")
         self.max_in_flight = max_in_flight
+        if not isinstance(max_pending_appends, int) or max_pending_appends < 1:
+            raise ConfigError("max_pending_appends must be a positive integer")
+        self.max_pending_appends = max_pending_appends
         self.service_url = service_url.rstrip("/")
         base = f"persistent://{tenant}/{namespace}/{ledger}"
         self.topic = base
@@ -747,21 +768,25 @@ class PulsarLogReader(LogReader):
 # -- writing -------------------------------------------------------------------------------
 
 
-class _Acks:
-    """Completion state of one append's sends; filled by the client's callbacks."""
+class _PendingSends(PendingAppend):
+    """One append's sends, completed by the client's callbacks (in send order: one
+    producer, no batching)."""
 
-    def __init__(self, count: int, slots: threading.Semaphore) -> None:
+    def __init__(self, writer: PulsarLogWriter, count: int, deadline: float) -> None:
         self.pending = count
-        self.done = threading.Event()
         self.error: Any = None
         self.last: tuple[int, int] | None = None
-        self._slots = slots
+        self._writer = writer
+        self._deadline = deadline
+        self._done = threading.Event()
         self._mutex = threading.Lock()
+        if count <= 0:
+            self._done.set()
 
     def callback(self, result: Any, msg_id: Any) -> None:
         # Runs on the client's I/O thread; an exception here would abort the process.
         try:
-            self._slots.release()
+            self._writer._slots.release()
             with self._mutex:
                 self.pending -= 1
                 if result == pulsar.Result.Ok:
@@ -771,16 +796,33 @@ class _Acks:
                         self.last = (ledger_id, entry_id)
                 elif self.error is None:
                     self.error = result
+                    # No later append may start (the writer resigns at its next look).
+                    if result in _FENCED_RESULTS:
+                        self._writer._fenced = True
+                    else:
+                        self._writer._broken = self._writer._broken or str(result)
                 if self.pending <= 0 or self.error is not None:
-                    self.done.set()
+                    self._done.set()
         except BaseException:
-            self.done.set()
+            self._done.set()
 
     def fail(self, error: Any) -> None:
         with self._mutex:
             if self.error is None:
                 self.error = error
-            self.done.set()
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Position:
+        wait = self._deadline - time.monotonic()
+        if timeout is not None and timeout < wait:
+            if not self._done.wait(max(timeout, 0.0)):
+                raise TimeoutError("append still pending")
+        elif not self._done.wait(max(wait, 0.0)):
+            self.fail(f"not acknowledged within {self._writer.backend.append_timeout}s")
+        return self._writer._finish(self)
 
 
 class PulsarLogWriter(LogWriter):
@@ -796,6 +838,7 @@ class PulsarLogWriter(LogWriter):
     ) -> None:
         self.backend = backend
         self.writer_id = writer_id
+        self.max_pending_appends = backend.max_pending_appends
         self._producer = producer
         self._watch = watch
         self._token = term
@@ -863,41 +906,49 @@ class PulsarLogWriter(LogWriter):
             raise FencedError(f"writer {self.writer_id} lost {self.backend.ledger}")
 
     def append(self, entries: Sequence[bytes], state: bytes) -> Position:
+        return self.append_async(entries, state).result()
+
+    def append_async(self, entries: Sequence[bytes], state: bytes) -> PendingAppend:
         self.check()
         if self._broken is not None:
             raise BackendError(f"writer {self.writer_id} cannot append: {self._broken}")
         with self._append_lock:
             if not entries:
-                return self._end if self._end is not None else self.backend.end()
-            acks = _Acks(len(entries), self._slots)
+                return CompletedAppend(self._end if self._end is not None else self.backend.end())
             deadline = time.monotonic() + self.backend.append_timeout
+            sends = _PendingSends(self, len(entries), deadline)
             for data in entries:
                 if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-                    acks.fail("timed out waiting for in-flight sends")
+                    sends.fail("timed out waiting for in-flight sends")
                     break
                 try:
-                    self._producer.send_async(bytes(data), acks.callback)
+                    self._producer.send_async(bytes(data), sends.callback)
                 except PulsarException as exc:
                     self._slots.release()
-                    acks.fail(exc)
+                    sends.fail(exc)
                     break
-            if not acks.done.wait(max(deadline - time.monotonic(), 0.0)):
-                acks.fail(f"not acknowledged within {self.backend.append_timeout}s")
-            error = acks.error
-            if error is not None:
-                fenced = error in _FENCED_RESULTS or isinstance(error, _FENCED_ERRORS)
-                if fenced:
-                    self._fenced = True
-                    self._log.warning("fenced on append", error=str(error))
-                    raise FencedError(f"writer {self.writer_id} was fenced: {error}")
-                # Sends may still be pending: this term must not append again (a later
-                # append could land while an earlier one never does). The writer resigns.
-                self._broken = str(error)
-                self._log.error("append failed", error=str(error), entries=len(entries))
-                raise BackendError(f"append to {self.backend.topic} failed: {error}")
-            if acks.last is not None:
-                self._end = _next_position(*acks.last)
+            return sends
+
+    def _finish(self, sends: _PendingSends) -> Position:
+        """The outcome of a completed append, as :meth:`append` reports it."""
+        error = sends.error
+        if error is not None:
+            fenced = error in _FENCED_RESULTS or isinstance(error, _FENCED_ERRORS)
+            if fenced:
+                self._fenced = True
+                self._log.warning("fenced on append", error=str(error))
+                raise FencedError(f"writer {self.writer_id} was fenced: {error}")
+            # Sends may still be pending: this term must not append again (a later
+            # append could land while an earlier one never does). The writer resigns.
+            self._broken = self._broken or str(error)
+            self._log.error("append failed", error=str(error))
+            raise BackendError(f"append to {self.backend.topic} failed: {error}")
+        if sends.last is None:  # every send was a deduplicated resend
             return self._end if self._end is not None else self.backend.end()
+        end = _next_position(*sends.last)
+        if self._end is None or end > self._end:
+            self._end = end
+        return end
 
     def intake(self, meta: bytes) -> PulsarIntakeConsumer:
         self.check()

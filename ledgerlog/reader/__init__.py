@@ -85,10 +85,14 @@ class Reader:
         self.name = name
         self.window = window
         self.snapshot_every = snapshot_every or min(window, 50_000)
+        # A snapshot stalls this thread (and, holding the GIL, the process) for
+        # O(window): only take them for views that can use one.
+        self._snapshots = any(v.wants_snapshots for v in self.views)
         self._log = log.bind(ledger=backend.ledger, reader=name)
         self._lock = threading.Condition()
         self._waiters: dict[tuple[str, int], list[Future[Decision]]] = {}
         self._subscribers: list[Callable[[Sequence[EntryResult]], None]] = []
+        self._on_caught_up: list[Callable[[], None]] = []
         self._digests: deque[tuple[int, bytes]] = deque(maxlen=keep_digests)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -223,7 +227,9 @@ class Reader:
             return
         state = self.state
         snapshot = b""
-        if state.next_seq - self._snapshot_seq >= self.snapshot_every or not self._snapshot:
+        if self._snapshots and (
+            state.next_seq - self._snapshot_seq >= self.snapshot_every or not self._snapshot
+        ):
             snapshot = _pack_snapshot(position, state.snapshot())
             self._snapshot = snapshot
             self._snapshot_seq = state.next_seq
@@ -301,6 +307,19 @@ class Reader:
             self._waiters.setdefault((client_id, client_seq), []).append(fut)
         return fut
 
+    def watch_many(self, ids: Sequence[tuple[str, int]]) -> list[Future[Decision]]:
+        """:meth:`watch` for several ``(client_id, client_seq)`` at once, in order."""
+        futs: list[Future[Decision]] = [Future() for _ in ids]
+        with self._lock:
+            waiters = self._waiters
+            for key, fut in zip(ids, futs, strict=True):
+                got = waiters.get(key)
+                if got is None:
+                    waiters[key] = [fut]
+                else:
+                    got.append(fut)
+        return futs
+
     def unwatch(self, client_id: str, client_seq: int, fut: Future[Decision]) -> None:
         with self._lock:
             lst = self._waiters.get((client_id, client_seq))
@@ -312,6 +331,11 @@ class Reader:
     def subscribe(self, fn: Callable[[Sequence[EntryResult]], None]) -> None:
         """Call `fn` with the results of every batch (from the reading thread)."""
         self._subscribers.append(fn)
+
+    def when_caught_up(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once, from the reading thread (:meth:`start`), the first time a
+        poll finds nothing new: the replica has read what the ledger held."""
+        self._on_caught_up.append(fn)
 
     def wait_for_seq(self, seq: int, timeout: float | None = None) -> bool:
         """Wait until seq `seq` has been validated and applied; False on timeout."""
@@ -372,7 +396,10 @@ class Reader:
         try:
             while not self._stop.is_set():
                 try:
-                    self.poll(timeout=0.05)
+                    if not self.poll(timeout=0.05) and self._on_caught_up:
+                        hooks, self._on_caught_up = self._on_caught_up, []
+                        for fn in hooks:
+                            fn()
                 except BackendError:
                     # The storage is unreachable for now; the log reader resumes where it
                     # stopped. Anything else (divergence, a view failing) stops the reader.

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ledgerlog.backends.base import Backend, Entry, IntakeItem, LogReader
+from ledgerlog.backends.base import Backend, Entry, IntakeItem, LogReader, PendingAppend
 from ledgerlog.codec import encode_intake, encode_record, encode_transaction
 from ledgerlog.errors import FencedError, NotElectedError
 from ledgerlog.model import START, Outcome, Put, Transaction, TxnId
@@ -42,6 +42,7 @@ __all__ = [
     "test_intake_meta_resumes_after_visible_record",
     "test_intake_preserves_each_producers_order",
     "test_one_writer_at_a_time",
+    "test_pipelined_appends_land_in_order",
     "test_read_resumes_from_any_next_position",
     "test_second_handle_sees_same_log",
     "test_standby_takes_over_after_writer_closes",
@@ -101,6 +102,26 @@ def test_append_and_read_back_in_order(ledger: Backend) -> None:
     positions = [e.position for e in got]
     assert positions == sorted(positions) and len(set(positions)) == 250
     assert all(a.next <= b.position for a, b in itertools.pairwise(got))
+
+
+def test_pipelined_appends_land_in_order(ledger: Backend) -> None:
+    data = _payloads(120)
+    with ledger.campaign("w1", timeout=30) as lw:
+        depth = max(1, lw.max_pending_appends)
+        pending: list[PendingAppend] = []
+        for i in range(0, 120, 10):
+            # As the writer does: never more than the backend's bound in flight.
+            if len(pending) >= depth:
+                pending[-depth].result(30)
+            pending.append(lw.append_async(data[i : i + 10], SequencerState().to_bytes()))
+        ends = [p.result(30) for p in pending]
+        assert all(p.done() for p in pending)
+        # Each append's result is the position after its own entries.
+        assert ends == sorted(ends) and len(set(ends)) == len(ends)
+    with ledger.reader(START) as r:
+        got = _read_all(r, 120)
+    assert [e.data for e in got] == data
+    assert all(got[i + 9].next <= end for i, end in zip(range(0, 120, 10), ends, strict=True))
 
 
 def test_read_resumes_from_any_next_position(ledger: Backend) -> None:

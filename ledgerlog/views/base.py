@@ -76,6 +76,13 @@ class View(abc.ABC):
 
     name: str = "view"
 
+    wants_snapshots: bool = True
+    """Whether checkpoints should carry the validator snapshot. A view whose data dies
+    with its process (a client's in-memory replica) never restarts a reader from it, so it
+    says False and spares its reader the O(window) snapshot, a pause of a few hundred
+    milliseconds at the default window. A reader over such views alone restarts from
+    the ledger's start, re-validating up to what they hold (nothing is applied twice)."""
+
     @abc.abstractmethod
     def checkpoint(self) -> Checkpoint | None:
         """The checkpoint stored with the view's data; None if it has applied nothing."""

@@ -39,11 +39,16 @@ T = TypeVar("T")
 class MemoryView(View):
     """Keys and values in memory, kept in key order for range reads."""
 
-    def __init__(self, *, window: int = DEFAULT_WINDOW, name: str = "memory") -> None:
+    def __init__(
+        self, *, window: int = DEFAULT_WINDOW, name: str = "memory", snapshots: bool = True
+    ) -> None:
+        """`snapshots=False`: no reader will ever be restarted over this view (see
+        :attr:`View.wants_snapshots`)."""
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ConfigError(f"window must be a positive int of seqs, not {window!r}")
         self.name = name
         self.window = window
+        self.wants_snapshots = bool(snapshots)
         self._lock = threading.RLock()
         # A plain dict plus a SortedList of its keys, rather than one SortedDict: the
         # SortedDict's __setitem__ is a Python-level call per write, while this way a

@@ -4,7 +4,10 @@ A :class:`Writer` campaigns through its backend (standing by until elected), lea
 ledger's end by scanning entry headers under the same rules readers use, appends an
 epoch start one above every epoch seen, and from then on turns intake submissions into
 records: batches of transactions stamped with epoch, first seq and a hybrid logical
-clock. It never decodes a transaction and never decides anything: readers do.
+clock. It never decodes a transaction and never decides anything: readers do. Where the
+backend pipelines (:attr:`LogWriter.max_pending_appends` > 1) it keeps that many appends
+in flight, acknowledging each one's intake only once that append is acknowledged, and
+ends its term at the first that fails.
 
 When it is fenced (another writer took over) it stops appending at once, tells whoever
 listens, and goes back to standing by.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -21,7 +25,7 @@ import msgspec
 import structlog
 
 from ledgerlog import metrics
-from ledgerlog.backends.base import Backend, IntakeItem, LogWriter
+from ledgerlog.backends.base import Backend, IntakeItem, LogWriter, PendingAppend
 from ledgerlog.codec import WireIntake, decode_entry, encode_epoch, encode_record
 from ledgerlog.errors import (
     BackendError,
@@ -199,12 +203,33 @@ class Writer:
         self.elected.set()
         if self.on_elected is not None:
             self.on_elected(state.epoch)
+        # Appends in flight, oldest first: (append, the intake items it carries, the
+        # next seq after it). The backend lands them in order and none after a failed
+        # one; intake items are acknowledged only once their own append is.
+        pending: deque[tuple[PendingAppend, list[IntakeItem], int]] = deque()
+        depth = max(1, lw.max_pending_appends)
+
+        def retire(wait: bool) -> None:
+            while pending and (wait or pending[0][0].done()):
+                append, items, next_seq = pending[0]
+                append.result()  # raises FencedError / BackendError: the term ends
+                pending.popleft()
+                intake.ack(items)
+                self.next_seq = next_seq
+                m_seq.set(next_seq)
+                wait = False
+
         try:
             last_check = time.monotonic()
             while not self._stop.is_set():
-                items = intake.poll(self.max_batch_items, timeout=0.05)
+                retire(wait=len(pending) >= depth)
+                # With appends in flight, look back soon to retire them; intake that
+                # arrives meanwhile is taken at once either way. (A failed send already
+                # stops the next append from starting: retiring late only delays the
+                # intake acknowledgement, which is bookkeeping.)
+                items = intake.poll(self.max_batch_items, timeout=0.01 if pending else 0.05)
                 if not items:
-                    if time.monotonic() - last_check > 0.5:
+                    if not pending and time.monotonic() - last_check > 0.5:
                         lw.check()
                         last_check = time.monotonic()
                     continue
@@ -237,12 +262,11 @@ class Writer:
                     i = j
                 state.meta = meta
                 state.hlc = hlc.last
-                lw.append(records, state.to_bytes())
-                intake.ack(items)
-                self.next_seq = state.next_seq
+                pending.append((lw.append_async(records, state.to_bytes()), items, state.next_seq))
                 m_records.inc(len(records))
                 m_txns.inc(len(raws))
-                m_seq.set(state.next_seq)
+            # Stopping: let what is in flight land (or fail) before resigning.
+            retire(wait=True)
         finally:
             intake.close()
 
