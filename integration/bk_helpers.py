@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 from typing import Any
 
@@ -69,3 +72,25 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+_WRITER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from ledgerlog.backends.bookkeeper import BookKeeperBackend
+    from ledgerlog.writer import Writer
+    backend = BookKeeperBackend.from_url(sys.argv[1], lease_timeout=float(sys.argv[2]))
+    w = Writer(backend, "victim").start()
+    w.elected.wait(60)
+    print("ELECTED", flush=True)
+    while True:
+        time.sleep(1)
+    """
+)
+
+
+def spawn_victim_writer(url: str) -> subprocess.Popen[str]:
+    """A writer in a process of its own (to be killed); prints ELECTED once elected."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WRITER_SCRIPT, url, str(LEASE)], stdout=subprocess.PIPE, text=True
+    )

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 import uuid
@@ -22,7 +19,15 @@ from prometheus_client import REGISTRY
 
 pytest.importorskip("py4j")
 
-from bk_helpers import LEASE, all_decided, assert_exactly_once, collect, open_bk, submit, wait_for
+from bk_helpers import (
+    all_decided,
+    assert_exactly_once,
+    collect,
+    open_bk,
+    spawn_victim_writer,
+    submit,
+    wait_for,
+)
 
 from ledgerlog.backends.bookkeeper import BookKeeperBackend, GatewayFailedError, ZooKeeperError
 from ledgerlog.errors import ConfigError, FencedError
@@ -196,29 +201,10 @@ def test_new_ledgers_while_a_bookie_is_down(local_bookkeeper: Any) -> None:
             local_bookkeeper.restart_bookie(killed)
 
 
-_WRITER_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    from ledgerlog.backends.bookkeeper import BookKeeperBackend
-    from ledgerlog.writer import Writer
-    backend = BookKeeperBackend.from_url(sys.argv[1], lease_timeout=float(sys.argv[2]))
-    w = Writer(backend, "victim").start()
-    w.elected.wait(60)
-    print("ELECTED", flush=True)
-    while True:
-        time.sleep(1)
-    """
-)
-
-
 def test_kill_9_of_the_writer_standby_takes_over_exactly_once(local_bookkeeper: Any) -> None:
     name = f"kill-{uuid.uuid4().hex[:8]}"
     url = f"bookkeeper://{local_bookkeeper.zk_connect}/{name}?ensemble=3&write=3&ack=2"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER_SCRIPT, url, str(LEASE)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_victim_writer(url)
     b, c = open_bk(local_bookkeeper, name), open_bk(local_bookkeeper, name)
     standby: Writer | None = None
     producer = c.intake_producer("client")

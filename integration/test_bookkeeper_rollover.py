@@ -19,12 +19,12 @@ import pytest
 pytest.importorskip("py4j")
 
 from bk_helpers import (
-    LEASE,
     all_decided,
     assert_exactly_once,
     bk_url,
     collect,
     open_bk,
+    spawn_victim_writer,
     submit,
     wait_for,
 )
@@ -150,36 +150,11 @@ def test_a_deposed_writer_can_neither_add_nor_roll_the_chain(local_bookkeeper: A
         b.close()
 
 
-_WRITER_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    from ledgerlog.backends.bookkeeper import BookKeeperBackend
-    from ledgerlog.writer import Writer
-    backend = BookKeeperBackend.from_url(sys.argv[1], lease_timeout=float(sys.argv[2]))
-    w = Writer(backend, "victim").start()
-    w.elected.wait(60)
-    print("ELECTED", flush=True)
-    while True:
-        time.sleep(1)
-    """
-)
-
-
 def test_kill_9_of_a_writer_rolling_every_append(local_bookkeeper: Any) -> None:
     """roll_entries=1: every append of the victim first rolls to a new BookKeeper ledger
     (create, header, seal, compare-and-set), so the kill lands in or right around one."""
     name = f"rollkill-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            _WRITER_SCRIPT,
-            bk_url(local_bookkeeper, name, roll_entries=1),
-            str(LEASE),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_victim_writer(bk_url(local_bookkeeper, name, roll_entries=1))
     b, c = open_bk(local_bookkeeper, name), open_bk(local_bookkeeper, name)
     standby: Writer | None = None
     producer = c.intake_producer("client")
