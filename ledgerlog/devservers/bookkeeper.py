@@ -412,6 +412,8 @@ class LocalBookKeeper:
 
         After a ``kill -9`` the bookie's old ZooKeeper registration lasts until its session
         expires (``bookie_zk_timeout_ms``); the new process waits for that before serving.
+        The new bookie dies with the *thread* that calls this (the parent-death signal is per
+        thread): call it from a thread that outlives the bookie's use.
         """
         proc = self._bookies[i]
         if proc is not None and proc.poll() is None:

@@ -508,6 +508,9 @@ class LocalPulsar:
         """Stop (gracefully if it still runs) and start again on the same ports and data.
 
         After :meth:`kill` this is crash recovery: the bookie replays its journal.
+
+        The new JVM dies with the *thread* that calls this (the parent-death signal is per
+        thread): restart from a thread that outlives the broker's use, not a short-lived one.
         """
         self._terminate(graceful=True, timeout=timeout)
         started = time.monotonic()
