@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ledgerlog.backends.bookkeeper import BookKeeperBackend
 from ledgerlog.codec import encode_intake, encode_transaction
 from ledgerlog.model import Outcome, Put, Transaction, TxnId
 from ledgerlog.reader import Reader
+from ledgerlog.writer import Writer
 
 LEASE = 2.0
 
@@ -94,3 +99,74 @@ def spawn_victim_writer(url: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", _WRITER_SCRIPT, url, str(LEASE)], stdout=subprocess.PIPE, text=True
     )
+
+
+def kill_writer_midstream(
+    cluster: Any,
+    ledger: str,
+    url: str,
+    *,
+    submissions: int,
+    first_commits: int,
+    first_timeout: float,
+    before_kill: Callable[[BookKeeperBackend], None] | None = None,
+) -> int:
+    """kill -9 of the elected writer (a process of its own, on `url`) while a client submits
+    up to `submissions`; a standby here takes over. Asserts that every submission commits
+    exactly once, those seen committed before the kill included; returns how many those were.
+    `before_kill` sees the standby's backend once `first_commits` have committed."""
+    proc = spawn_victim_writer(url)
+    b, c = open_bk(cluster, ledger), open_bk(cluster, ledger)
+    standby: Writer | None = None
+    producer = c.intake_producer("client")
+    reader = Reader(c, name="watcher")
+    seen: dict[tuple[str, int], list[Outcome]] = {}
+    stop = threading.Event()
+    submitted: list[int] = []
+
+    def submit_forever() -> None:
+        i = 0
+        while not stop.is_set() and i < submissions:
+            submit(producer, "client", i)
+            submitted.append(i)
+            i += 1
+            time.sleep(0.002)
+
+    t = threading.Thread(target=submit_forever)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ELECTED"
+        standby = Writer(b, "standby").start()
+        t.start()
+        deadline = time.monotonic() + first_timeout
+        while sum(Outcome.COMMITTED in v for v in seen.values()) < first_commits:
+            assert time.monotonic() < deadline, "the first writer committed too little"
+            collect(reader, seen, 0.1)
+        if before_kill is not None:
+            before_kill(b)
+        os.kill(proc.pid, signal.SIGKILL)  # its gateway JVM dies with it (PDEATHSIG)
+        proc.wait(10)
+        committed_before = {k for k, v in seen.items() if Outcome.COMMITTED in v}
+        assert standby.elected.wait(30), "the standby did not take over"
+        time.sleep(0.5)
+        stop.set()
+        t.join(30)
+        n = len(submitted)
+        decided = all_decided(cluster, ledger, n)
+        for k in committed_before:
+            assert decided[k].count(Outcome.COMMITTED) == 1, k
+        assert_exactly_once(decided, "client", n)
+        return len(committed_before)
+    finally:
+        stop.set()
+        if t.is_alive():
+            t.join(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        reader.close()
+        producer.close()
+        if standby is not None:
+            standby.stop()
+        b.close()
+        c.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import uuid
 from typing import Any
@@ -22,9 +21,8 @@ pytest.importorskip("py4j")
 from bk_helpers import (
     all_decided,
     assert_exactly_once,
-    collect,
+    kill_writer_midstream,
     open_bk,
-    spawn_victim_writer,
     submit,
     wait_for,
 )
@@ -32,7 +30,6 @@ from bk_helpers import (
 from ledgerlog.backends.bookkeeper import BookKeeperBackend, GatewayFailedError, ZooKeeperError
 from ledgerlog.errors import ConfigError, FencedError
 from ledgerlog.model import START, Outcome
-from ledgerlog.reader import Reader
 from ledgerlog.validator import SequencerState
 from ledgerlog.writer import Writer
 
@@ -204,59 +201,10 @@ def test_new_ledgers_while_a_bookie_is_down(local_bookkeeper: Any) -> None:
 def test_kill_9_of_the_writer_standby_takes_over_exactly_once(local_bookkeeper: Any) -> None:
     name = f"kill-{uuid.uuid4().hex[:8]}"
     url = f"bookkeeper://{local_bookkeeper.zk_connect}/{name}?ensemble=3&write=3&ack=2"
-    proc = spawn_victim_writer(url)
-    b, c = open_bk(local_bookkeeper, name), open_bk(local_bookkeeper, name)
-    standby: Writer | None = None
-    producer = c.intake_producer("client")
-    reader = Reader(c, name="watcher")
-    seen: dict[tuple[str, int], list[Outcome]] = {}
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ELECTED"
-        standby = Writer(b, "standby").start()
-        stop = threading.Event()
-        submitted: list[int] = []
-
-        def submit_forever() -> None:
-            i = 0
-            while not stop.is_set() and i < 2000:
-                submit(producer, "client", i)
-                submitted.append(i)
-                i += 1
-                time.sleep(0.002)
-
-        t = threading.Thread(target=submit_forever)
-        t.start()
-        deadline = time.monotonic() + 30
-        while sum(Outcome.COMMITTED in v for v in seen.values()) < 150:
-            assert time.monotonic() < deadline, "the first writer committed too little"
-            collect(reader, seen, 0.1)
-        os.kill(proc.pid, signal.SIGKILL)  # its gateway JVM dies with it (PDEATHSIG)
-        proc.wait(10)
-        committed_before = {k for k, v in seen.items() if Outcome.COMMITTED in v}
-        assert standby.elected.wait(30), "the standby did not take over"
-        time.sleep(0.5)
-        stop.set()
-        t.join(30)
-        n = len(submitted)
-        decided = all_decided(local_bookkeeper, name, n)
-        for k in committed_before:
-            assert decided[k].count(Outcome.COMMITTED) == 1, k
-        for i in range(n):
-            assert decided.get(("client", i), []).count(Outcome.COMMITTED) == 1, i
-        print(
-            f"\n[kill -9 writer] {len(committed_before)} seen committed before the kill, {n} in all"
-        )
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        reader.close()
-        producer.close()
-        if standby is not None:
-            standby.stop()
-        b.close()
-        c.close()
+    committed_before = kill_writer_midstream(
+        local_bookkeeper, name, url, submissions=2000, first_commits=150, first_timeout=30
+    )
+    print(f"\n[kill -9 writer] {committed_before} seen committed before the kill")
 
 
 def test_dead_gateway_jvm_is_a_clear_error(local_bookkeeper: Any) -> None:

@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 import uuid
 from typing import Any
 
@@ -23,8 +21,8 @@ from bk_helpers import (
     assert_exactly_once,
     bk_url,
     collect,
+    kill_writer_midstream,
     open_bk,
-    spawn_victim_writer,
     submit,
     wait_for,
 )
@@ -154,57 +152,17 @@ def test_kill_9_of_a_writer_rolling_every_append(local_bookkeeper: Any) -> None:
     """roll_entries=1: every append of the victim first rolls to a new BookKeeper ledger
     (create, header, seal, compare-and-set), so the kill lands in or right around one."""
     name = f"rollkill-{uuid.uuid4().hex[:8]}"
-    proc = spawn_victim_writer(bk_url(local_bookkeeper, name, roll_entries=1))
-    b, c = open_bk(local_bookkeeper, name), open_bk(local_bookkeeper, name)
-    standby: Writer | None = None
-    producer = c.intake_producer("client")
-    reader = Reader(c, name="watcher")
-    seen: dict[tuple[str, int], list[Outcome]] = {}
-    stop = threading.Event()
-    submitted: list[int] = []
-
-    def submit_forever() -> None:
-        i = 0
-        while not stop.is_set() and i < 1500:
-            submit(producer, "client", i)
-            submitted.append(i)
-            i += 1
-            time.sleep(0.002)
-
-    t = threading.Thread(target=submit_forever)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ELECTED"
-        standby = Writer(b, "standby").start()
-        t.start()
-        wait_for(lambda: (collect(reader, seen, 0.1), len(seen) >= 100)[1], 60, "commits")
-        rolled_before = len(_chain(b))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        committed_before = {k for k, v in seen.items() if Outcome.COMMITTED in v}
-        assert standby.elected.wait(30), "the standby did not take over"
-        time.sleep(0.5)
-        stop.set()
-        t.join(30)
-        n = len(submitted)
-        decided = all_decided(local_bookkeeper, name, n)
-        for k in committed_before:
-            assert decided[k].count(Outcome.COMMITTED) == 1, k
-        assert_exactly_once(decided, "client", n)
-        assert rolled_before > 5, "the victim did not roll"
-    finally:
-        stop.set()
-        if t.is_alive():
-            t.join(30)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        reader.close()
-        producer.close()
-        if standby is not None:
-            standby.stop()
-        b.close()
-        c.close()
+    rolled_before: list[int] = []
+    kill_writer_midstream(
+        local_bookkeeper,
+        name,
+        bk_url(local_bookkeeper, name, roll_entries=1),
+        submissions=1500,
+        first_commits=100,
+        first_timeout=60,
+        before_kill=lambda backend: rolled_before.append(len(_chain(backend))),
+    )
+    assert rolled_before[0] > 5, "the victim did not roll"
 
 
 # -- intake garbage collection ---------------------------------------------------------------

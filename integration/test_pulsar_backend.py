@@ -22,7 +22,6 @@ committed to a file as it goes, so a SIGKILL loses nothing the test relies on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import random
@@ -40,6 +39,7 @@ from typing import Any
 import pytest
 
 import ledgerlog
+from ledgerlog.check.procs import Proc, spawn
 from ledgerlog.errors import (
     ConfigError,
     ConflictError,
@@ -183,48 +183,18 @@ def assert_exactly_once(walk: LedgerWalk, seen: dict[str, list[int]]) -> int:
 # -- child processes ----------------------------------------------------------------------------
 
 
-class Child:
+class Child(Proc):
     """A bank client in its own process (``writer="auto"``), logging to a file."""
 
     def __init__(self, url: str, client_id: str, workdir: Path, threads: int = 3) -> None:
         self.client_id = client_id
-        self.log_path = workdir / f"{client_id}.log"
         self.seen_path = workdir / f"{client_id}.seen"
         self.stop_path = workdir / f"{client_id}.stop"
         self.exit_path = workdir / f"{client_id}.exit"
-        with open(self.log_path, "wb") as out:
-            self.popen = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(SCRIPT),
-                    "bank",
-                    url,
-                    client_id,
-                    str(workdir),
-                    "--threads",
-                    str(threads),
-                    "--lease",
-                    str(LEASE),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        argv = [str(a) for a in (SCRIPT, "bank", url, client_id, workdir)]
+        argv += ["--threads", str(threads), "--lease", str(LEASE)]
+        proc = spawn(argv, log_dir=workdir, name=client_id, cwd=ROOT)
+        super().__init__(proc.popen, proc.log_path, client_id)
 
     def lines(self, prefix: str) -> list[str]:
         return [ln for ln in self.log().splitlines() if ln.startswith(prefix)]
@@ -253,18 +223,6 @@ class Child:
     def final(self) -> tuple[int, str]:
         _, seq, digest = self.lines("FINAL")[-1].split()
         return int(seq), digest
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-                os.kill(self.pid, signal.SIGCONT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(20)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, step: float = 0.1) -> None:
