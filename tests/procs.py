@@ -28,8 +28,9 @@ from typing import Any
 import structlog
 
 from ledgerlog.backends.file import FileBackend
-from ledgerlog.check.procs import Proc
+from ledgerlog.check.procs import Proc, serve_writer
 from ledgerlog.check.procs import kill_all as kill_all  # re-exported for the tests
+from ledgerlog.check.procs import say as _say
 from ledgerlog.check.procs import spawn as _spawn
 from ledgerlog.codec import WireRecord, decode_entry, encode_intake, encode_transaction
 from ledgerlog.model import START, Outcome, Put, Transaction, TxnId
@@ -352,11 +353,6 @@ def _configure_logging() -> None:
     )
 
 
-def _say(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def _on_term(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
@@ -380,8 +376,6 @@ def _crash_injection(point: str) -> None:
 
 
 def child_writer(argv: list[str]) -> int:
-    from ledgerlog.writer import Writer
-
     ap = argparse.ArgumentParser()
     ap.add_argument("path")
     ap.add_argument("writer_id")
@@ -393,28 +387,10 @@ def child_writer(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     _configure_logging()
     _crash_injection(a.crash_at)
-    stop = threading.Event()
-    _on_term(stop)
     backend = FileBackend(
         a.path, fsync=bool(a.fsync), segment_bytes=a.segment_bytes, lease_timeout=a.lease
     )
-    w = Writer(
-        backend,
-        a.writer_id,
-        max_record_txns=a.max_record_txns,
-        on_elected=lambda epoch: _say(f"ELECTED epoch={epoch}"),
-        on_fenced=lambda exc: _say(f"FENCED {exc}"),
-    )
-    _say(f"STANDBY pid={os.getpid()}")
-    w.start()
-    while not stop.wait(0.05):
-        if w.error is not None:
-            _say(f"WRITER ERROR {w.error!r}")
-            return 2
-    w.stop()
-    backend.close()
-    _say("STOPPED")
-    return 0
+    return serve_writer(backend, a.writer_id, max_record_txns=a.max_record_txns)
 
 
 def child_client(argv: list[str]) -> int:

@@ -11,11 +11,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Proc", "kill_all", "spawn"]
+if TYPE_CHECKING:
+    from ledgerlog.backends.base import Backend
+
+__all__ = ["Proc", "kill_all", "say", "serve_writer", "spawn"]
 
 
 class Proc:
@@ -100,3 +105,37 @@ def kill_all(procs: Iterable[Proc | None]) -> None:
     for p in procs:
         if p is not None:
             p.kill()
+
+
+def say(text: str) -> None:
+    """One line on stdout, flushed at once: a child's progress survives its kill -9."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def serve_writer(backend: Backend, writer_id: str, **writer_options: Any) -> int:
+    """The body of a writer child: a standby :class:`Writer` until SIGTERM, announcing
+    ``STANDBY``, ``ELECTED epoch=N``, ``FENCED ...`` and ``STOPPED`` on stdout (what the
+    parent's :meth:`Proc.wait_for` looks for). Returns the exit status: 2 if the writer
+    thread failed."""
+    from ledgerlog.writer import Writer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    w = Writer(
+        backend,
+        writer_id,
+        on_elected=lambda epoch: say(f"ELECTED epoch={epoch}"),
+        on_fenced=lambda exc: say(f"FENCED {exc}"),
+        **writer_options,
+    )
+    say(f"STANDBY pid={os.getpid()}")
+    w.start()
+    while not stop.wait(0.05):
+        if w.error is not None:
+            say(f"WRITER ERROR {w.error!r}")
+            return 2
+    w.stop()
+    backend.close()
+    say("STOPPED")
+    return 0

@@ -32,6 +32,9 @@ from typing import Any
 
 import structlog
 
+from ledgerlog.check.procs import say as _say
+from ledgerlog.check.procs import serve_writer
+
 WORKLOADS = ("list-append", "bank")
 LIST_PREFIX = "la/"
 ACCOUNT_PREFIX = "acct/"
@@ -280,11 +283,6 @@ def run_thread(
 # -- child roles --------------------------------------------------------------------------------
 
 
-def _say(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def _configure_logging() -> None:
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
@@ -382,7 +380,6 @@ def child_client(argv: Sequence[str]) -> int:
 
 def child_writer(argv: Sequence[str]) -> int:
     from ledgerlog.client import open_backend
-    from ledgerlog.writer import Writer
 
     ap = argparse.ArgumentParser(prog="workload writer")
     ap.add_argument("url")
@@ -390,25 +387,7 @@ def child_writer(argv: Sequence[str]) -> int:
     ap.add_argument("--option", action="append", default=[], help="backend option k=v")
     a = ap.parse_args(argv)
     _configure_logging()
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    backend = open_backend(a.url, **_options(a.option))
-    w = Writer(
-        backend,
-        a.writer_id,
-        on_elected=lambda epoch: _say(f"ELECTED epoch={epoch}"),
-        on_fenced=lambda exc: _say(f"FENCED {exc}"),
-    )
-    _say(f"STANDBY pid={os.getpid()}")
-    w.start()
-    while not stopping.wait(0.1):
-        if w.error is not None:
-            _say(f"WRITER ERROR {w.error!r}")
-            return 2
-    w.stop()
-    backend.close()
-    _say("STOPPED")
-    return 0
+    return serve_writer(open_backend(a.url, **_options(a.option)), a.writer_id)
 
 
 ROLES: dict[str, Callable[[Sequence[str]], int]] = {
