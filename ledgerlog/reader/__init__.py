@@ -302,10 +302,7 @@ class Reader:
 
     def watch(self, client_id: str, client_seq: int) -> Future[Decision]:
         """A future for the final decision of a transaction id (register before submit)."""
-        fut: Future[Decision] = Future()
-        with self._lock:
-            self._waiters.setdefault((client_id, client_seq), []).append(fut)
-        return fut
+        return self.watch_many([(client_id, client_seq)])[0]
 
     def watch_many(self, ids: Sequence[tuple[str, int]]) -> list[Future[Decision]]:
         """:meth:`watch` for several ``(client_id, client_seq)`` at once, in order."""
