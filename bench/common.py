@@ -29,6 +29,21 @@ def pulsar_logger() -> logging.Logger:
     return logger
 
 
+def account_keys(n: int) -> list[str]:
+    """``acct:000000`` ... for `n` accounts, built once: formatting a key per pick was a
+    measurable share of a benchmark client's CPU, which is the load generator's cost and
+    not the system's under test."""
+    return [f"acct:{i:06d}" for i in range(n)]
+
+
+def two_accounts(rnd: Any, n: int) -> tuple[int, int]:
+    """Two distinct account numbers below `n`, uniformly (``random.sample`` costs several
+    times more per pick)."""
+    a = rnd.randrange(n)
+    b = rnd.randrange(n - 1)
+    return a, b + 1 if b >= a else b
+
+
 def pct(sorted_values: Sequence[float], q: float) -> float:
     """The `q` quantile (0..1) of already sorted values; NaN when there are none."""
     if not sorted_values:

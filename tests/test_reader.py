@@ -136,3 +136,58 @@ def test_views_that_never_restart_a_reader_get_no_validator_snapshots(tmp_path: 
         r.close()
     finally:
         backend.close()
+
+
+@pytest.mark.timeout(60)
+def test_decision_futures_of_one_batch_wait_for_their_own_result(tmp_path: Path) -> None:
+    # The futures of one watch_many share a Condition: setting one wakes waiters of the
+    # others, which must keep waiting for their own decision (and time out on their own).
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    from ledgerlog.model import Decision, Outcome, TxnId
+
+    da = Decision(None, TxnId("c", 1), Outcome.COMMITTED)
+    db = Decision(None, TxnId("c", 2), Outcome.COMMITTED)
+    backend = FileBackend(tmp_path / "x")
+    r = ledgerlog.Reader(backend, name="futures")
+    seen: list[float] = []
+    try:
+        a, b, c = r.watch_many([("c", 1), ("c", 2), ("c", 3)], seen.extend)
+        assert isinstance(a, concurrent.futures.Future)
+        got: list[object] = []
+
+        def wait_b() -> None:
+            try:
+                got.append(b.result(timeout=0.5))
+            except concurrent.futures.TimeoutError:
+                got.append("timeout")
+
+        t = threading.Thread(target=wait_b)
+        t.start()
+        time.sleep(0.1)
+        a.set_result(da)
+        t.join(5)
+        assert got == ["timeout"]
+        assert a.result(0) is da and a.exception(0) is None
+        with pytest.raises(concurrent.futures.TimeoutError):
+            c.exception(timeout=0.05)
+        done, pending = concurrent.futures.wait([a, b, c], timeout=0.05)
+        assert done == {a} and pending == {b, c}
+        c.set_exception(ValueError("boom"))
+        assert isinstance(c.exception(1), ValueError)
+        with pytest.raises(ValueError):
+            c.result(1)
+
+        async def via_asyncio() -> object:
+            return await asyncio.wrap_future(b)
+
+        threading.Timer(0.05, lambda: b.set_result(db)).start()
+        assert asyncio.run(via_asyncio()) is db
+        r.unwatch("c", 1, a)
+        r.unwatch("c", 2, b)
+        r.unwatch("c", 3, c)
+        assert not r._waiters
+    finally:
+        r.close()

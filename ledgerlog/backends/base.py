@@ -179,6 +179,17 @@ class IntakeProducer(abc.ABC):
         """Store one intake batch durably; returns once it survives a writer crash.
         Thread-safe; concurrent calls may share one flush (group commit)."""
 
+    def submit_async(self, data: bytes, on_done: Callable[[BaseException | None], None]) -> None:
+        """Start storing one intake batch; ``on_done(None)`` once :meth:`submit` would
+        have returned, ``on_done(error)`` if it failed later (possibly from another
+        thread). What fails before the batch is on its way raises here, as from
+        :meth:`submit`.
+
+        Lets a client go on building transactions while the storage persists the last
+        batch. The default is :meth:`submit`, then ``on_done(None)``."""
+        self.submit(data)
+        on_done(None)
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

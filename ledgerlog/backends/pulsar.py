@@ -1023,6 +1023,26 @@ class PulsarIntakeProducer(IntakeProducer):
         if box[0] != pulsar.Result.Ok:
             raise BackendError(f"intake submit failed: {box[0]}")
 
+    def submit_async(self, data: bytes, on_done: Callable[[BaseException | None], None]) -> None:
+        if self._closed:
+            raise ClosedError("intake producer is closed")
+
+        def on_ack(result: Any, _msg_id: Any) -> None:
+            # Runs on the client's I/O thread: an exception escaping it aborts the process.
+            try:
+                on_done(
+                    None
+                    if result == pulsar.Result.Ok
+                    else BackendError(f"intake submit failed: {result}")
+                )
+            except BaseException:
+                log.exception("intake submit callback failed", client=self.client_id)
+
+        try:
+            self._producer.send_async(bytes(data), on_ack)
+        except PulsarException as exc:
+            raise BackendError(f"intake submit failed: {exc}") from exc
+
     def close(self) -> None:
         if self._closed:
             return

@@ -424,9 +424,9 @@ class Client:
 
     def _submit_encoded(self, txn_id: TxnId, data: bytes) -> Future[Decision]:
         self._check()
-        fut = self.reader.watch(txn_id.client_id, txn_id.client_seq)
-        started = time.perf_counter()
-        fut.add_done_callback(lambda _f: self._latency.observe(time.perf_counter() - started))
+        (fut,) = self.reader.watch_many(
+            [(txn_id.client_id, txn_id.client_seq)], self._latency.observe_many
+        )
         try:
             self._intake.submit(encode_intake([data]), timeout=self.timeout)
         except BaseException:
@@ -437,7 +437,13 @@ class Client:
     def submit_many(self, txs: Sequence[Tx]) -> list[Future[Decision]]:
         """Submit several finished-building transactions as ONE intake batch (one
         fdatasync): the way to pipeline many transactions from one thread. Returns a
-        future per transaction, in order; it does not raise for aborts."""
+        future per transaction, in order; it does not raise for aborts.
+
+        On backends that write the intake asynchronously (Pulsar) it returns once the
+        batch is on its way, so the caller can build the next one meanwhile; if the
+        intake write then fails, the batch's futures fail with that error
+        (:class:`BackendError`; the transactions may still commit, and resubmitting them
+        is safe)."""
         self._check()
         futs: list[Future[Decision] | None] = []
         payload: list[bytes] = []
@@ -457,23 +463,24 @@ class Client:
                 slots.append(len(futs))
                 futs.append(None)
         if payload:
-            # One registration (one lock round) and one shared callback for the batch:
-            # this is the client's per-transaction hot path.
-            watched = self.reader.watch_many(keys)
-            started = time.perf_counter()
-            observe = self._latency.observe
-
-            def observed(_f: Future[Decision]) -> None:
-                observe(time.perf_counter() - started)
-
+            # One registration (one lock round) for the batch, and the latency observed
+            # by the reader as it decides: this is the client's per-transaction hot path.
+            watched = self.reader.watch_many(keys, self._latency.observe_many)
             for slot, fut in zip(slots, watched, strict=True):
-                fut.add_done_callback(observed)
                 futs[slot] = fut
-            try:
-                self._intake.submit(encode_intake(payload), timeout=self.timeout)
-            except BaseException:
+
+            def forget(error: BaseException | None) -> None:
+                if error is None:
+                    return
                 for (client_id, client_seq), fut in zip(keys, watched, strict=True):
                     self.reader.unwatch(client_id, client_seq, fut)
+                    if not fut.done():
+                        fut.set_exception(error)
+
+            try:
+                self._intake.submit_async(encode_intake(payload), forget)
+            except BaseException as exc:
+                forget(exc)
                 raise
         return cast(list[Future[Decision]], futs)
 
