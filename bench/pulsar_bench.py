@@ -301,9 +301,7 @@ def main(
 
     started = time.monotonic()
     warm_s = seconds / 2 if warmup is None else warmup
-    import os
-
-    with LocalPulsar(extra_jvm_args=os.environ.get("XJVM", "").split()) as broker:
+    with LocalPulsar() as broker:
         url = f"{broker.service_url}/public/default/bench-{uuid.uuid4().hex[:10]}"
         with writer_process(url):
             db = ledgerlog.open(url, writer=None, client_id="bench-init", timeout=60)
@@ -318,6 +316,8 @@ def main(
             # by ledgerlog's own phase).
             warm, _ = _run_clients(url, clients, "peak", batch, warm_s)
             size = round(statistics.mean(r["tx_size"] for r in warm))
+            warm_rate = sum(r["committed"] for r in warm) / warm_s
+            _run_clients(url, clients, "paced", warm_rate / 2 / clients, warm_s)
             run_raw(broker.service_url, size, warm_s)
             raw = run_raw(broker.service_url, size, seconds)
             peak, peak_elapsed = _run_clients(url, clients, "peak", batch, seconds)

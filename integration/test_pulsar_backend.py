@@ -464,6 +464,95 @@ def test_pipelined_appends_of_a_fenced_writer_all_fail(local_pulsar: Any) -> Non
         b.close()
 
 
+def test_intake_holds_back_and_merges_submissions_while_messages_are_in_flight(
+    local_pulsar: Any,
+) -> None:
+    import pulsar
+    from msgspec import msgpack
+
+    from ledgerlog.codec import WireIntake, decode_entry, encode_intake
+
+    ledger = f"merge-{uuid.uuid4().hex[:10]}"
+    backend = PulsarBackend(local_pulsar.service_url, ledger, intake_in_flight=1)
+    try:
+        producer = backend.intake_producer("merger")
+        results: list[BaseException | None] = []
+        done = threading.Event()
+        n = 60
+
+        def finished(error: BaseException | None) -> None:
+            results.append(error)
+            if len(results) == n + 1:
+                done.set()
+
+        for i in range(n):
+            producer.submit_async(encode_intake([msgpack.encode(f"t{i}")]), finished)
+        producer.submit_async(b"foreign bytes", finished)  # not an intake batch
+        assert done.wait(30), f"{len(results)} of {n + 1} submissions acknowledged"
+        assert results == [None] * (n + 1)
+        reader = backend.client.create_reader(backend.intake_topic, pulsar.MessageId.earliest)
+        messages: list[bytes] = []
+        while True:
+            try:
+                messages.append(reader.read_next(2000).data())
+            except pulsar.Timeout:
+                break
+        reader.close()
+        # One in flight: the rest was held and went out merged, in submission order,
+        # except the foreign bytes, which travel as they are.
+        assert len(messages) < n // 2
+        assert messages[-1] == b"foreign bytes"
+        txns: list[bytes] = []
+        for data in messages[:-1]:
+            entry = decode_entry(data)
+            assert isinstance(entry, WireIntake)
+            txns.extend(bytes(t) for t in entry.txns)
+        assert txns == [msgpack.encode(f"t{i}") for i in range(n)]
+        producer.close()
+        with pytest.raises(ledgerlog.ClosedError):
+            producer.submit_async(encode_intake([msgpack.encode("late")]), finished)
+    finally:
+        backend.close()
+
+
+def test_many_threads_share_intake_messages_and_all_commit(local_pulsar: Any) -> None:
+    url = f"{local_pulsar.service_url}/public/default/threads-{uuid.uuid4().hex[:10]}"
+    with ledgerlog.open(url, client_id="threads", timeout=60) as db:
+        db.wait_writer(60)
+        errors: list[BaseException] = []
+
+        def work(t: int) -> None:
+            try:
+                for b in range(10):
+                    txs = []
+                    for i in range(5):
+                        tx = db.transaction()
+                        tx.put(f"k-{t}-{b}-{i}", i)
+                        txs.append(tx)
+                    assert all(f.result(60).committed for f in db.submit_many(txs))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not errors, errors[0]
+        db.sync(60)
+        assert db.get("k-7-9-4") == 4
+        assert (
+            sum(
+                1
+                for t in range(8)
+                for b in range(10)
+                for i in range(5)
+                if db.get(f"k-{t}-{b}-{i}") == i
+            )
+            == 400
+        )
+
+
 def test_end_is_one_cheap_round_trip(local_pulsar: Any) -> None:
     backend = PulsarBackend(local_pulsar.service_url, f"end-{uuid.uuid4().hex[:10]}")
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
@@ -229,6 +230,19 @@ def encode_epoch(epoch: int, writer_id: str, hlc: int) -> bytes:
 
 def encode_intake(txns: list[bytes]) -> bytes:
     return _wrap(KIND_INTAKE, _enc.encode(WireIntake([msgspec.Raw(t) for t in txns])))
+
+
+def merge_intake(batches: Sequence[bytes]) -> bytes:
+    """One intake batch holding the transactions of `batches` (intake batches), in order;
+    the transactions' bytes are carried over untouched. FormatError if one is not an
+    intake batch."""
+    txns: list[msgspec.Raw] = []
+    for data in batches:
+        entry = decode_entry(data)
+        if not isinstance(entry, WireIntake):
+            raise FormatError("not an intake batch")
+        txns.extend(entry.txns)
+    return _wrap(KIND_INTAKE, _enc.encode(WireIntake(txns)))
 
 
 def decode_entry(data: bytes | memoryview) -> WireRecord | WireEpoch | WireIntake:

@@ -75,14 +75,19 @@ their way - as already within one multi-record append before pipelining. The
 transactions of the lost record then never get a decision (their clients see
 :class:`CommitUnknownError` and may resubmit); nothing reported committed is affected.
 
-**Intake.** Clients publish submissions to the intake topic, one message per submission
-(never batched, so message ids are exact too), and wait for the broker's acknowledgement:
-the submission is then in the bookie's journal. Many submits in flight share the journal's
-group commit. The elected writer reads the intake with a plain Pulsar *reader* from the
-position carried in the ledger: ``meta()`` is the message id of the last submission a
-record holds, stored in that record, so it becomes visible exactly with the
-transactions, and the next writer resumes right after the newest visible record - no
-submission is lost or handed over twice (as with the file backend's offsets).
+**Intake.** Clients publish submissions to the intake topic and wait for the broker's
+acknowledgement: the submission is then in the bookie's journal. Messages are never
+batched by Pulsar (so message ids are exact too); instead a client's producer keeps at
+most ``intake_in_flight`` (default 2) messages unacknowledged and holds further
+submissions back until one is, then sends everything held as one message of their
+transactions (up to 1 MiB): a client's threads share messages, and the broker and writer,
+whose work goes by messages more than by bytes, see few large ones instead of many small
+ones. Many submits in flight also share the journal's group commit. The elected writer
+reads the intake with a plain Pulsar *reader* from the position carried in the ledger:
+``meta()`` is the message id of the last submission a record holds, stored in that
+record, so it becomes visible exactly with the transactions, and the next writer resumes
+right after the newest visible record - no submission is lost or handed over twice (as
+with the file backend's offsets).
 
 Why not a Failover subscription that redelivers what was not acknowledged: when the
 active consumer's process was SIGSTOPped while messages were flowing to it, Pulsar 4.0.7
@@ -137,11 +142,13 @@ from ledgerlog.backends.base import (
     PendingAppend,
 )
 from ledgerlog.backends.file import check_client_id
+from ledgerlog.codec import WireIntake, decode_entry, merge_intake
 from ledgerlog.errors import (
     BackendError,
     ClosedError,
     ConfigError,
     FencedError,
+    FormatError,
     NotElectedError,
 )
 from ledgerlog.model import START, Position
@@ -162,6 +169,9 @@ DEFAULT_APPEND_TIMEOUT: Final = 60.0
 DEFAULT_CAMPAIGN_INTERVAL: Final = 0.2
 DEFAULT_MAX_IN_FLIGHT: Final = 1000
 DEFAULT_MAX_PENDING_APPENDS: Final = 8
+DEFAULT_INTAKE_IN_FLIGHT: Final = 2
+#: Held-back intake batches merged into one message, up to this many bytes.
+_MAX_MERGED: Final = 1 << 20
 
 WRITER_SUBSCRIPTION: Final = "ledgerlog-writer"
 END_SUBSCRIPTION: Final = "ledgerlog-end"
@@ -281,6 +291,7 @@ _URL_PARAMS: Final[Mapping[str, tuple[str, Callable[[str, str], Any]]]] = {
     "campaign_interval": ("campaign_interval", _as_float),
     "max_in_flight": ("max_in_flight", _as_int),
     "max_pending_appends": ("max_pending_appends", _as_int),
+    "intake_in_flight": ("intake_in_flight", _as_int),
     "use_tls": ("use_tls", _as_bool),
     "tls_trust_certs_file_path": ("tls_trust_certs_file_path", lambda _n, v: v),
     "tls_allow_insecure_connection": ("tls_allow_insecure_connection", _as_bool),
@@ -311,6 +322,7 @@ class PulsarBackend(Backend):
         campaign_interval: float = DEFAULT_CAMPAIGN_INTERVAL,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_pending_appends: int = DEFAULT_MAX_PENDING_APPENDS,
+        intake_in_flight: int = DEFAULT_INTAKE_IN_FLIGHT,
         use_tls: bool | None = None,
         tls_trust_certs_file_path: str | None = None,
         tls_allow_insecure_connection: bool = False,
@@ -340,6 +352,9 @@ class PulsarBackend(Backend):
         if not isinstance(max_pending_appends, int) or max_pending_appends < 1:
             raise ConfigError("max_pending_appends must be a positive integer")
         self.max_pending_appends = max_pending_appends
+        if not isinstance(intake_in_flight, int) or intake_in_flight < 1:
+            raise ConfigError("intake_in_flight must be a positive integer")
+        self.intake_in_flight = intake_in_flight
         self.service_url = service_url.rstrip("/")
         base = f"persistent://{tenant}/{namespace}/{ledger}"
         self.topic = base
@@ -980,6 +995,10 @@ class PulsarIntakeProducer(IntakeProducer):
         self.backend = backend
         self.client_id = client_id
         self._closed = False
+        self._mutex = threading.Lock()
+        self._in_flight = 0
+        self._max_in_flight = backend.intake_in_flight
+        self._held: list[tuple[bytes, Callable[[BaseException | None], None]]] = []
         client = backend.client
         try:
             # The retention anchor must exist before anything is published (see the
@@ -1003,50 +1022,124 @@ class PulsarIntakeProducer(IntakeProducer):
             raise _broker_error(backend, f"intake producer on {backend.intake_topic}", exc) from exc
 
     def submit(self, data: bytes, timeout: float | None = None) -> None:
-        if self._closed:
-            raise ClosedError("intake producer is closed")
         done = threading.Event()
-        box: list[Any] = []
+        box: list[BaseException | None] = []
 
-        def on_ack(result: Any, _msg_id: Any) -> None:
-            box.append(result)
+        def finished(error: BaseException | None) -> None:
+            box.append(error)
             done.set()
 
-        try:
-            self._producer.send_async(bytes(data), on_ack)
-        except PulsarException as exc:
-            raise BackendError(f"intake submit failed: {exc}") from exc
+        self.submit_async(data, finished)
         if not done.wait(timeout):
             raise BackendError(
                 f"intake submit not acknowledged within {timeout}s (it may still arrive)"
             )
-        if box[0] != pulsar.Result.Ok:
-            raise BackendError(f"intake submit failed: {box[0]}")
+        if box[0] is not None:
+            raise box[0]
 
     def submit_async(self, data: bytes, on_done: Callable[[BaseException | None], None]) -> None:
+        """Sends at once while fewer than ``intake_in_flight`` intake messages of this
+        producer are unacknowledged; otherwise holds the batch back, and the next
+        acknowledgement sends everything held as one message. Concurrent submitters (a
+        client's threads) then share messages: each message costs the broker and the
+        writer about as much as its bytes, so many small ones were most of their work."""
         if self._closed:
             raise ClosedError("intake producer is closed")
+        item = (bytes(data), on_done)
+        with self._mutex:
+            if self._in_flight >= self._max_in_flight:
+                self._held.append(item)
+                return
+            self._in_flight += 1
+        self._send([item])
 
+    def _send(self, group: list[tuple[bytes, Callable[[BaseException | None], None]]]) -> None:
+        """Send `group` as one message (the caller holds one in-flight slot for it);
+        anything in it that is not an intake batch (foreign bytes) goes as it is, in a
+        message of its own."""
+        messages: list[tuple[bytes, list[tuple[bytes, Callable[[BaseException | None], None]]]]]
+        if len(group) == 1:
+            messages = [(group[0][0], group)]
+        else:
+            Item = tuple[bytes, Callable[[BaseException | None], None]]
+            batches: list[Item] = []
+            foreign: list[Item] = []
+            for item in group:
+                try:
+                    is_batch = isinstance(decode_entry(item[0]), WireIntake)
+                except FormatError:
+                    is_batch = False
+                (batches if is_batch else foreign).append(item)
+            messages = [(merge_intake([d for d, _cb in batches]), batches)] if batches else []
+            messages.extend((item[0], [item]) for item in foreign)
+            with self._mutex:
+                self._in_flight += len(messages) - 1
+        for i, (data, members) in enumerate(messages):
+            try:
+                self._send_one(data, members)
+            except BaseException:
+                with self._mutex:  # the slots of the messages not sent after this one
+                    self._in_flight -= len(messages) - 1 - i
+                raise
+
+    def _send_one(
+        self, data: bytes, group: list[tuple[bytes, Callable[[BaseException | None], None]]]
+    ) -> None:
         def on_ack(result: Any, _msg_id: Any) -> None:
             # Runs on the client's I/O thread: an exception escaping it aborts the process.
+            error = (
+                None
+                if result == pulsar.Result.Ok
+                else BackendError(f"intake submit failed: {result}")
+            )
+            for _data, callback in group:
+                try:
+                    callback(error)
+                except BaseException:
+                    log.exception("intake submit callback failed", client=self.client_id)
             try:
-                on_done(
-                    None
-                    if result == pulsar.Result.Ok
-                    else BackendError(f"intake submit failed: {result}")
-                )
+                self._next_held()
             except BaseException:
-                log.exception("intake submit callback failed", client=self.client_id)
+                log.exception("sending held intake batches failed", client=self.client_id)
 
         try:
-            self._producer.send_async(bytes(data), on_ack)
+            self._producer.send_async(data, on_ack)
         except PulsarException as exc:
+            with self._mutex:
+                self._in_flight -= 1
             raise BackendError(f"intake submit failed: {exc}") from exc
+
+    def _next_held(self) -> None:
+        """An intake message was acknowledged: its slot sends what was held back."""
+        with self._mutex:
+            if not self._held:
+                self._in_flight -= 1
+                return
+            group: list[tuple[bytes, Callable[[BaseException | None], None]]] = []
+            size = 0
+            while self._held and (not group or size + len(self._held[0][0]) <= _MAX_MERGED):
+                item = self._held.pop(0)
+                group.append(item)
+                size += len(item[0])
+        try:
+            self._send(group)
+        except BaseException as exc:
+            # The producer refuses to send (closed, queue full): these and everything
+            # still held fail now rather than wait for an acknowledgement that never comes.
+            with self._mutex:
+                rest, self._held = self._held, []
+            for _data, callback in [*group, *rest]:
+                callback(exc)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        with self._mutex:
+            held, self._held = self._held, []
+        for _data, callback in held:
+            with contextlib.suppress(Exception):
+                callback(ClosedError("intake producer closed before sending this batch"))
         try:
             self._producer.close()
         except PulsarException as exc:
