@@ -32,8 +32,10 @@ attempts, and the latency of a committed transfer from its first attempt to its 
 is conserved and every balance equals its initial value plus the effects of exactly the
 transfers that clients saw commit. Target (issue 5): ledgerlog on Pulsar at least 5x the
 committed transactions/s of PostgreSQL SERIALIZABLE, with the check passing on both.
-PostgreSQL runs first and again last (other load on a shared machine drifts between
-systems run one after another); ratios use its better run. CPU per commit is measured
+Before the measured runs every system and form runs the uniform workload once,
+unmeasured (a freshly started broker JVM is still compiling hot code). PostgreSQL runs
+first and again last (other load on a shared machine drifts between systems run one
+after another); ratios use its better run. CPU per commit is measured
 too (client processes; servers: PostgreSQL's processes, ledgerlog's writer process and
 the broker JVM), with the commits/s it would allow if every core did only this.
 
@@ -611,7 +613,10 @@ def main(
     processes: int = 2,
     threads: int = 8,
     accounts: int = 10_000,
+    warmup: float | None = None,
 ) -> dict[str, Any]:
+    """`warmup` seconds (default: half of `seconds`) of the uniform workload run once on
+    every system and form, unmeasured, before the measured runs."""
     quiet()
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(postgres_server()) if "postgres" in systems else None
@@ -623,6 +628,21 @@ def main(
             from ledgerlog.devservers.pulsar import LocalPulsar
 
             broker = stack.enter_context(LocalPulsar())
+        warm_s = seconds / 2 if warmup is None else warmup
+        if warm_s > 0:
+            # A freshly started broker JVM compiles hot code for minutes; measured at once,
+            # that compilation (a C2 thread busy for seconds at a time on a 2-core machine)
+            # counted as ledgerlog's broker CPU and cost Pulsar runs throughput. Every
+            # system runs once unmeasured first, PostgreSQL too (its caches warm alike).
+            w = Workload(accounts=accounts, processes=processes, threads=threads, seconds=warm_s)
+            print(f"warm-up: {warm_s:g}s of the uniform workload per system, not measured")
+            if pg is not None:
+                run_postgres(pg.create_database(f"warm_{uuid.uuid4().hex[:8]}"), w, pg.pid)
+            for form in forms:
+                if "embedded" in systems:
+                    run_embedded(w, form)
+                if broker is not None:
+                    run_pulsar(broker.service_url, w, form, broker.pid)
         out: dict[str, Any] = {}
         for name in scenarios:
             w = Workload(
@@ -663,6 +683,7 @@ if __name__ == "__main__":
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--accounts", type=int, default=10_000)
+    ap.add_argument("--warmup", type=float, default=None, help="seconds (default: half)")
     a = ap.parse_args()
     main(
         a.seconds,
@@ -672,4 +693,5 @@ if __name__ == "__main__":
         processes=a.processes,
         threads=a.threads,
         accounts=a.accounts,
+        warmup=a.warmup,
     )
