@@ -341,7 +341,7 @@ def children(tmp_path: Path) -> Iterator[list[Child]]:
 def test_from_url_parses_and_validates() -> None:
     b = PulsarBackend.from_url(
         "pulsar://127.0.0.1:6650/acme/ledgers/orders?token=t0k&lease_timeout=3"
-        "&tls_validate_hostname=false&max_pending_appends=3",
+        "&tls_validate_hostname=false&max_pending_appends=3&intake_in_flight=4",
         append_timeout=5,
     )
     try:
@@ -349,7 +349,7 @@ def test_from_url_parses_and_validates() -> None:
         assert b.intake_topic == "persistent://acme/ledgers/orders-intake"
         assert b.lease_topic == "non-persistent://acme/ledgers/orders-lease"
         assert b.lease_timeout == 3.0 and b.append_timeout == 5.0
-        assert b.max_pending_appends == 3
+        assert b.max_pending_appends == 3 and b.intake_in_flight == 4
         assert "t0k" not in b.url
     finally:
         b.close()
@@ -361,6 +361,7 @@ def test_from_url_parses_and_validates() -> None:
         "pulsar://user:pw@h:6650/x",
         "pulsar://h:6650/x?lease_timeout=-1",
         "pulsar://h:6650/x?max_pending_appends=0",
+        "pulsar://h:6650/x?intake_in_flight=0",
     ):
         with pytest.raises(ConfigError):
             PulsarBackend.from_url(bad)

@@ -78,7 +78,7 @@ transactions of the lost record then never get a decision (their clients see
 **Intake.** Clients publish submissions to the intake topic and wait for the broker's
 acknowledgement: the submission is then in the bookie's journal. Messages are never
 batched by Pulsar (so message ids are exact too); instead a client's producer keeps at
-most ``intake_in_flight`` (default 2) messages unacknowledged and holds further
+most ``intake_in_flight`` (default 1) message unacknowledged and holds further
 submissions back until one is, then sends everything held as one message of their
 transactions (up to 1 MiB): a client's threads share messages, and the broker and writer,
 whose work goes by messages more than by bytes, see few large ones instead of many small
@@ -169,7 +169,7 @@ DEFAULT_APPEND_TIMEOUT: Final = 60.0
 DEFAULT_CAMPAIGN_INTERVAL: Final = 0.2
 DEFAULT_MAX_IN_FLIGHT: Final = 1000
 DEFAULT_MAX_PENDING_APPENDS: Final = 8
-DEFAULT_INTAKE_IN_FLIGHT: Final = 2
+DEFAULT_INTAKE_IN_FLIGHT: Final = 1
 #: Held-back intake batches merged into one message, up to this many bytes.
 _MAX_MERGED: Final = 1 << 20
 
