@@ -22,6 +22,7 @@ commit p99 under 50 ms at half load.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import statistics
 import time
@@ -301,7 +302,9 @@ def main(
 
     started = time.monotonic()
     warm_s = seconds / 2 if warmup is None else warmup
-    with LocalPulsar() as broker:
+    # Extra JVM flags for the broker, to compare JIT settings (e.g. -XX:TieredStopAtLevel=1).
+    jvm_args = os.environ.get("LEDGERLOG_BENCH_JVM_ARGS", "").split()
+    with LocalPulsar(extra_jvm_args=jvm_args) as broker:
         url = f"{broker.service_url}/public/default/bench-{uuid.uuid4().hex[:10]}"
         with writer_process(url):
             db = ledgerlog.open(url, writer=None, client_id="bench-init", timeout=60)
