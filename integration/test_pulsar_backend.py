@@ -516,6 +516,32 @@ def test_intake_holds_back_and_merges_submissions_while_messages_are_in_flight(
         backend.close()
 
 
+def test_submissions_made_before_close_reach_the_ledger(local_pulsar: Any) -> None:
+    # submit_many returns before the intake message is acknowledged (and may hold it
+    # back to merge it): closing the client right after must still deliver it.
+    url = f"{local_pulsar.service_url}/public/default/close-{uuid.uuid4().hex[:10]}"
+    with ledgerlog.open(url, client_id="keeper", timeout=60) as keeper:
+        keeper.wait_writer(60)
+        db = ledgerlog.open(url, writer=None, client_id="leaver", timeout=60)
+        db.sync(60)
+        for b in range(20):
+            txs = []
+            for i in range(10):
+                tx = db.transaction()
+                tx.put(f"left-{b}-{i}", b * 10 + i)
+                txs.append(tx)
+            db.submit_many(txs)
+        db.close()
+        deadline = time.monotonic() + 60
+        while keeper.get("left-19-9") != 199:
+            assert time.monotonic() < deadline, "submissions made before close were lost"
+            time.sleep(0.05)
+        keeper.sync(60)
+        assert [keeper.get(f"left-{b}-{i}") for b in range(20) for i in range(10)] == list(
+            range(200)
+        )
+
+
 def test_many_threads_share_intake_messages_and_all_commit(local_pulsar: Any) -> None:
     url = f"{local_pulsar.service_url}/public/default/threads-{uuid.uuid4().hex[:10]}"
     with ledgerlog.open(url, client_id="threads", timeout=60) as db:

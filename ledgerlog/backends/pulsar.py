@@ -1132,14 +1132,27 @@ class PulsarIntakeProducer(IntakeProducer):
                 callback(exc)
 
     def close(self) -> None:
+        """Sends what is held back and waits for every message to be acknowledged, so a
+        submission made before close still reaches the ledger (as it did when submits
+        waited for their acknowledgement)."""
         if self._closed:
             return
         self._closed = True
         with self._mutex:
             held, self._held = self._held, []
-        for _data, callback in held:
-            with contextlib.suppress(Exception):
-                callback(ClosedError("intake producer closed before sending this batch"))
+            if held:
+                self._in_flight += 1
+        if held:
+            try:
+                self._send(held)
+            except Exception as exc:
+                for _data, callback in held:
+                    with contextlib.suppress(Exception):
+                        callback(exc)
+        try:
+            self._producer.flush()
+        except PulsarException as exc:
+            log.debug("flushing an intake producer", client=self.client_id, error=repr(exc))
         try:
             self._producer.close()
         except PulsarException as exc:
