@@ -85,3 +85,39 @@ def test_reader_lag_counts_seqs_not_yet_validated(tmp_path: Path) -> None:
         finally:
             reader.close()
             backend.close()
+
+
+def test_bulk_histogram_exposes_what_a_prometheus_histogram_would() -> None:
+    # The commit-latency histogram takes observations in bulk; its exposition must be the
+    # one prometheus_client.Histogram gives for the same values (le is inclusive).
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from ledgerlog.metrics import COMMIT_LATENCY
+
+    values = [0.0001, 0.0005, 0.0005001, 0.003, 0.05, 0.05, 7.0, 11.0]
+    child = COMMIT_LATENCY.labels("bulk-histogram-test")
+    child.observe_many(values[:5])
+    child.observe(values[5])
+    child.observe_many(values[6:])
+    reference = CollectorRegistry()
+    h = Histogram(
+        "ref_seconds",
+        "reference",
+        ["ledger"],
+        registry=reference,
+        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+    ).labels("bulk-histogram-test")
+    for v in values:
+        h.observe(v)
+    for le in ("0.0005", "0.001", "0.005", "0.05", "5.0", "10.0", "+Inf"):
+        ours = _value(
+            "ledgerlog_commit_latency_seconds_bucket", ledger="bulk-histogram-test", le=le
+        )
+        theirs = reference.get_sample_value(
+            "ref_seconds_bucket", {"ledger": "bulk-histogram-test", "le": le}
+        )
+        assert ours == theirs, le
+    assert _value("ledgerlog_commit_latency_seconds_count", ledger="bulk-histogram-test") == 8
+    assert _value("ledgerlog_commit_latency_seconds_sum", ledger="bulk-histogram-test") == (
+        pytest.approx(sum(values))
+    )
