@@ -130,7 +130,7 @@ class Workload:
         return a, b, rnd.randint(1, MAX_AMOUNT)
 
 
-SCENARIOS = {
+SCENARIOS: dict[str, dict[str, Any]] = {
     "uniform": {},
     "hot": {"hot": 20, "hot_fraction": 0.25},
 }
@@ -202,10 +202,10 @@ def _in_threads(n: int, work: Callable[[int], Tally]) -> Tally:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     if errors:
         raise errors[0]
     total = Tally()
@@ -377,7 +377,7 @@ def run_postgres(dsn: str, w: Workload, postmaster: int | None = None) -> Result
     for r in results:
         tally.merge(r)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        final = dict(conn.execute("SELECT id, balance FROM acct").fetchall())
+        final: dict[int, int] = dict(conn.execute("SELECT id, balance FROM acct").fetchall())
     major = (version[0] if version else "?").split()[0].split(".")[0]
     label = f"PostgreSQL {major} SERIALIZABLE, {w.clients} connections"
     return _result(w, label, tally, elapsed, cpu.used, final)
@@ -591,13 +591,15 @@ def report(w: Workload, results: dict[str, Result]) -> dict[str, Any]:
             + ", ".join(f"{k} {r.cpu_ceiling / pg.cpu_ceiling:.2f}x" for k, r in others.items())
         )
     for form in FORMS:
-        r = results.get(f"pulsar-{form}")
-        if r is None:
+        pr = results.get(f"pulsar-{form}")
+        if pr is None:
             continue
-        met = r.rate >= TARGET_RATIO * pg.rate and r.balances_ok and all(p.balances_ok for p in pgs)
+        met = (
+            pr.rate >= TARGET_RATIO * pg.rate and pr.balances_ok and all(p.balances_ok for p in pgs)
+        )
         print(
             f"  target ledgerlog on Pulsar ({form}) >= {TARGET_RATIO:g}x PostgreSQL "
-            f"SERIALIZABLE, balances ok on both: {r.rate / pg.rate:.2f}x, "
+            f"SERIALIZABLE, balances ok on both: {pr.rate / pg.rate:.2f}x, "
             f"{'met' if met else 'NOT met'}"
         )
         verdict[f"met-{form}"] = met
