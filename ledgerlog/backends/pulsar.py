@@ -1043,10 +1043,12 @@ class PulsarIntakeProducer(IntakeProducer):
         acknowledgement sends everything held as one message. Concurrent submitters (a
         client's threads) then share messages: each message costs the broker and the
         writer about as much as its bytes, so many small ones were most of their work."""
-        if self._closed:
-            raise ClosedError("intake producer is closed")
         item = (bytes(data), on_done)
         with self._mutex:
+            # Checked under the lock close() takes the held batches with: a batch held
+            # after that would never be sent nor failed.
+            if self._closed:
+                raise ClosedError("intake producer is closed")
             if self._in_flight >= self._max_in_flight:
                 self._held.append(item)
                 return
@@ -1135,10 +1137,10 @@ class PulsarIntakeProducer(IntakeProducer):
         """Sends what is held back and waits for every message to be acknowledged, so a
         submission made before close still reaches the ledger (as it did when submits
         waited for their acknowledgement)."""
-        if self._closed:
-            return
-        self._closed = True
         with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
             held, self._held = self._held, []
             if held:
                 self._in_flight += 1
