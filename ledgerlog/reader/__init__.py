@@ -119,16 +119,12 @@ class _DecisionFuture(Future[Decision]):
 def _settle_all(decided: list[tuple[_DecisionFuture, Decision]], now: float) -> None:
     """``set_result`` for many futures: per Condition one hold and one ``notify_all``,
     per latency sink one call (what ``Future.set_result`` does, batched)."""
-    groups: dict[int, tuple[threading.Condition, list[tuple[_DecisionFuture, Decision]]]] = {}
+    groups: dict[threading.Condition, list[tuple[_DecisionFuture, Decision]]] = {}
     for fut, d in decided:
-        cond = fut._condition
-        group = groups.get(id(cond))
-        if group is None:
-            groups[id(cond)] = (cond, [(fut, d)])
-        else:
-            group[1].append((fut, d))
-    latencies: dict[int, tuple[Callable[[Sequence[float]], None], list[float]]] = {}
-    for cond, items in groups.values():
+        groups.setdefault(fut._condition, []).append((fut, d))
+    # Keyed by the sink itself: the bound methods of one histogram are equal.
+    latencies: dict[Callable[[Sequence[float]], None], list[float]] = {}
+    for cond, items in groups.items():
         callbacks: list[_DecisionFuture] = []
         with cond:
             for fut, d in items:
@@ -141,15 +137,11 @@ def _settle_all(decided: list[tuple[_DecisionFuture, Decision]], now: float) -> 
                 if fut._done_callbacks:
                     callbacks.append(fut)
                 if fut.observe is not None:
-                    sink = latencies.get(id(fut.observe))
-                    if sink is None:
-                        latencies[id(fut.observe)] = (fut.observe, [now - fut.started])
-                    else:
-                        sink[1].append(now - fut.started)
+                    latencies.setdefault(fut.observe, []).append(now - fut.started)
             cond.notify_all()
         for fut in callbacks:
             fut._invoke_callbacks()  # type: ignore[attr-defined]
-    for observe, values in latencies.values():
+    for observe, values in latencies.items():
         observe(values)
 
 
