@@ -542,6 +542,42 @@ def test_submissions_made_before_close_reach_the_ledger(local_pulsar: Any) -> No
         )
 
 
+def test_close_sends_held_submissions_in_messages_of_at_most_1_mib(local_pulsar: Any) -> None:
+    import pulsar
+    from msgspec import msgpack
+
+    from ledgerlog.codec import WireIntake, decode_entry, encode_intake
+
+    backend = PulsarBackend(
+        local_pulsar.service_url, f"heldclose-{uuid.uuid4().hex[:10]}", intake_in_flight=1
+    )
+    try:
+        producer = backend.intake_producer("closer")
+        results: list[BaseException | None] = []
+        big = [msgpack.encode(f"{i}" * 400_000) for i in range(5)]  # 400 KB transactions
+        for t in big:
+            producer.submit_async(encode_intake([t]), results.append)
+        producer.close()  # the first is in flight, four are held: sent and flushed here
+        assert results == [None] * 5
+        reader = backend.client.create_reader(backend.intake_topic, pulsar.MessageId.earliest)
+        messages: list[bytes] = []
+        while True:
+            try:
+                messages.append(reader.read_next(2000).data())
+            except pulsar.Timeout:
+                break
+        reader.close()
+        assert 1 < len(messages) < 5 and max(len(m) for m in messages) <= (1 << 20) + 1024
+        txns: list[bytes] = []
+        for data in messages:
+            entry = decode_entry(data)
+            assert isinstance(entry, WireIntake)
+            txns.extend(bytes(t) for t in entry.txns)
+        assert txns == big
+    finally:
+        backend.close()
+
+
 def test_many_threads_share_intake_messages_and_all_commit(local_pulsar: Any) -> None:
     url = f"{local_pulsar.service_url}/public/default/threads-{uuid.uuid4().hex[:10]}"
     with ledgerlog.open(url, client_id="threads", timeout=60) as db:

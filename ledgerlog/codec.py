@@ -232,17 +232,25 @@ def encode_intake(txns: list[bytes]) -> bytes:
     return _wrap(KIND_INTAKE, _enc.encode(WireIntake([msgspec.Raw(t) for t in txns])))
 
 
-def merge_intake(batches: Sequence[bytes]) -> bytes:
-    """One intake batch holding the transactions of `batches` (intake batches), in order;
-    the transactions' bytes are carried over untouched. FormatError if one is not an
-    intake batch."""
+def merge_intake(batches: Sequence[bytes]) -> tuple[bytes | None, list[int]]:
+    """The transactions of those `batches` that are intake batches, as one intake batch, in
+    order (their bytes carried over untouched; None if none is one), and the indices of
+    the others (foreign bytes), each decoded once."""
     txns: list[msgspec.Raw] = []
-    for data in batches:
-        entry = decode_entry(data)
-        if not isinstance(entry, WireIntake):
-            raise FormatError("not an intake batch")
-        txns.extend(entry.txns)
-    return _wrap(KIND_INTAKE, _enc.encode(WireIntake(txns)))
+    foreign: list[int] = []
+    for i, data in enumerate(batches):
+        try:
+            entry = decode_entry(data)
+        except FormatError:
+            foreign.append(i)
+            continue
+        if isinstance(entry, WireIntake):
+            txns.extend(entry.txns)
+        else:
+            foreign.append(i)
+    if len(foreign) == len(batches):
+        return None, foreign
+    return _wrap(KIND_INTAKE, _enc.encode(WireIntake(txns))), foreign
 
 
 def decode_entry(data: bytes | memoryview) -> WireRecord | WireEpoch | WireIntake:

@@ -436,3 +436,16 @@ def test_key_range_prefix_matches_startswith(prefix: str, key: str) -> None:
 def test_key_range_prefix_of_max_code_point() -> None:
     r = KeyRange.prefix("a\U0010ffff")
     assert "a\U0010ffff" in r and "a\U0010ffffz" in r and "b" not in r
+
+
+def test_merge_intake_keeps_transactions_in_order_and_names_foreign_bytes() -> None:
+    a = codec.encode_intake([msgspec.msgpack.encode("t0"), msgspec.msgpack.encode("t1")])
+    b = codec.encode_intake([msgspec.msgpack.encode("t2")])
+    record = codec.encode_epoch(1, "w", 0)  # a ledger entry, not an intake batch
+    merged, foreign = codec.merge_intake([a, b"junk", record, b])
+    assert foreign == [1, 2]
+    assert merged is not None
+    entry = codec.decode_entry(merged)
+    assert isinstance(entry, codec.WireIntake)
+    assert [bytes(t) for t in entry.txns] == [msgspec.msgpack.encode(f"t{i}") for i in range(3)]
+    assert codec.merge_intake([b"junk", record]) == (None, [0, 1])

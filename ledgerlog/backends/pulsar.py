@@ -142,13 +142,12 @@ from ledgerlog.backends.base import (
     PendingAppend,
 )
 from ledgerlog.backends.file import check_client_id
-from ledgerlog.codec import WireIntake, decode_entry, merge_intake
+from ledgerlog.codec import merge_intake
 from ledgerlog.errors import (
     BackendError,
     ClosedError,
     ConfigError,
     FencedError,
-    FormatError,
     NotElectedError,
 )
 from ledgerlog.model import START, Position
@@ -172,6 +171,8 @@ DEFAULT_MAX_PENDING_APPENDS: Final = 8
 DEFAULT_INTAKE_IN_FLIGHT: Final = 1
 #: Held-back intake batches merged into one message, up to this many bytes.
 _MAX_MERGED: Final = 1 << 20
+#: An intake batch on its way, with what to call once it is acknowledged or failed.
+_Submission = tuple[bytes, Callable[[BaseException | None], None]]
 
 WRITER_SUBSCRIPTION: Final = "ledgerlog-writer"
 END_SUBSCRIPTION: Final = "ledgerlog-end"
@@ -998,7 +999,7 @@ class PulsarIntakeProducer(IntakeProducer):
         self._mutex = threading.Lock()
         self._in_flight = 0
         self._max_in_flight = backend.intake_in_flight
-        self._held: list[tuple[bytes, Callable[[BaseException | None], None]]] = []
+        self._held: deque[_Submission] = deque()
         client = backend.client
         try:
             # The retention anchor must exist before anything is published (see the
@@ -1055,25 +1056,19 @@ class PulsarIntakeProducer(IntakeProducer):
             self._in_flight += 1
         self._send([item])
 
-    def _send(self, group: list[tuple[bytes, Callable[[BaseException | None], None]]]) -> None:
+    def _send(self, group: list[_Submission]) -> None:
         """Send `group` as one message (the caller holds one in-flight slot for it);
         anything in it that is not an intake batch (foreign bytes) goes as it is, in a
         message of its own."""
-        messages: list[tuple[bytes, list[tuple[bytes, Callable[[BaseException | None], None]]]]]
+        messages: list[tuple[bytes, list[_Submission]]]
         if len(group) == 1:
             messages = [(group[0][0], group)]
         else:
-            Item = tuple[bytes, Callable[[BaseException | None], None]]
-            batches: list[Item] = []
-            foreign: list[Item] = []
-            for item in group:
-                try:
-                    is_batch = isinstance(decode_entry(item[0]), WireIntake)
-                except FormatError:
-                    is_batch = False
-                (batches if is_batch else foreign).append(item)
-            messages = [(merge_intake([d for d, _cb in batches]), batches)] if batches else []
-            messages.extend((item[0], [item]) for item in foreign)
+            merged, foreign = merge_intake([d for d, _cb in group])
+            messages = [(group[i][0], [group[i]]) for i in foreign]
+            if merged is not None:
+                alone = set(foreign)
+                messages.insert(0, (merged, [g for i, g in enumerate(group) if i not in alone]))
             with self._mutex:
                 self._in_flight += len(messages) - 1
         for i, (data, members) in enumerate(messages):
@@ -1084,9 +1079,7 @@ class PulsarIntakeProducer(IntakeProducer):
                     self._in_flight -= len(messages) - 1 - i
                 raise
 
-    def _send_one(
-        self, data: bytes, group: list[tuple[bytes, Callable[[BaseException | None], None]]]
-    ) -> None:
+    def _send_one(self, data: bytes, group: list[_Submission]) -> None:
         def on_ack(result: Any, _msg_id: Any) -> None:
             # Runs on the client's I/O thread: an exception escaping it aborts the process.
             error = (
@@ -1111,25 +1104,32 @@ class PulsarIntakeProducer(IntakeProducer):
                 self._in_flight -= 1
             raise BackendError(f"intake submit failed: {exc}") from exc
 
+    def _take_held(self) -> list[_Submission]:
+        """The oldest held batches, up to ``_MAX_MERGED`` bytes but at least one (call
+        with the mutex held)."""
+        group: list[_Submission] = []
+        size = 0
+        while self._held and (not group or size + len(self._held[0][0]) <= _MAX_MERGED):
+            item = self._held.popleft()
+            group.append(item)
+            size += len(item[0])
+        return group
+
     def _next_held(self) -> None:
         """An intake message was acknowledged: its slot sends what was held back."""
         with self._mutex:
             if not self._held:
                 self._in_flight -= 1
                 return
-            group: list[tuple[bytes, Callable[[BaseException | None], None]]] = []
-            size = 0
-            while self._held and (not group or size + len(self._held[0][0]) <= _MAX_MERGED):
-                item = self._held.pop(0)
-                group.append(item)
-                size += len(item[0])
+            group = self._take_held()
         try:
             self._send(group)
         except BaseException as exc:
             # The producer refuses to send (closed, queue full): these and everything
             # still held fail now rather than wait for an acknowledgement that never comes.
             with self._mutex:
-                rest, self._held = self._held, []
+                rest = list(self._held)
+                self._held.clear()
             for _data, callback in [*group, *rest]:
                 callback(exc)
 
@@ -1141,14 +1141,15 @@ class PulsarIntakeProducer(IntakeProducer):
             if self._closed:
                 return
             self._closed = True
-            held, self._held = self._held, []
-            if held:
-                self._in_flight += 1
-        if held:
+            groups: list[list[_Submission]] = []
+            while self._held:
+                groups.append(self._take_held())
+            self._in_flight += len(groups)
+        for group in groups:
             try:
-                self._send(held)
+                self._send(group)
             except Exception as exc:
-                for _data, callback in held:
+                for _data, callback in group:
                     with contextlib.suppress(Exception):
                         callback(exc)
         try:
