@@ -18,7 +18,7 @@ if args.only in (None, "validator"):
 if args.only in (None, "embedded"):
     embedded_bench.main(seconds=4.0 if args.quick else 10.0)
 if args.only in (None, "pulsar"):
-    pulsar_bench.main(seconds=4.0 if args.quick else 10.0)
+    pulsar_bench.main(seconds=4.0 if args.quick else 10.0, max_warmup=30.0 if args.quick else 150.0)
 if args.only in (None, "bookkeeper"):
     bookkeeper_bench.main(seconds=4.0 if args.quick else 8.0)
 if args.only in (None, "bank"):

@@ -162,3 +162,30 @@ def load_average() -> str:
     """The 1/5/15-minute load averages, to print beside figures (others share the machine)."""
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
+
+
+def jit_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds used so far by the JIT compiler threads of JVM `pid` (HotSpot names
+    them ``C1 CompilerThre...``/``C2 CompilerThre...``), or None where ``/proc`` does not
+    show threads. A freshly started broker keeps compiling under load for a minute or
+    more; benchmarks warm up until this stops growing."""
+    import os
+
+    task_dir = f"/proc/{pid}/task"
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/comm") as f:
+                if not f.read().startswith(("C1 Compiler", "C2 Compiler")):
+                    continue
+            with open(f"{task_dir}/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total

@@ -19,6 +19,7 @@ import pytest
 
 import ledgerlog
 from ledgerlog.backends.file import FileBackend
+from ledgerlog.client import GEN0_THRESHOLD
 from ledgerlog.model import AbortReason, Decision, Outcome, TxnId
 
 pytestmark = pytest.mark.timeout(30)
@@ -740,6 +741,8 @@ _FREEZE_SCRIPT = textwrap.dedent(
     import ledgerlog
 
     freeze = sys.argv[2] == "on"
+    if len(sys.argv) > 3:
+        gc.set_threshold(int(sys.argv[3]), 10, 10)  # the application's own tuning
     before = gc.get_freeze_count()
     with ledgerlog.open(sys.argv[1], client_id="gc", freeze_gc=freeze) as db:
         db.wait_writer()
@@ -750,7 +753,7 @@ _FREEZE_SCRIPT = textwrap.dedent(
             time.sleep(0.01)
         if not freeze:
             time.sleep(1.0)  # long past the replica's first idle poll
-        print(before, gc.get_freeze_count())
+        print(before, gc.get_freeze_count(), gc.get_threshold()[0])
     """
 )
 
@@ -767,9 +770,26 @@ def test_client_freezes_the_gc_once_caught_up_unless_told_not_to(tmp_path: Path,
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    before, after = map(int, out.stdout.split())
+    before, after, gen0 = map(int, out.stdout.split())
     assert before == 0
     assert (after > 0) if mode == "on" else (after == 0)
+    # The first generation's threshold goes with it: up from the default, or left alone.
+    assert gen0 == (GEN0_THRESHOLD if mode == "on" else 700)
+
+
+@pytest.mark.timeout(60)
+def test_client_keeps_a_gc_threshold_the_application_set(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _FREEZE_SCRIPT, str(tmp_path / "ledger"), "on", "5000"],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    before, after, gen0 = map(int, out.stdout.split())
+    assert after > before  # still frozen
+    assert gen0 == 5000
 
 
 @pytest.mark.timeout(60)
