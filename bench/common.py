@@ -22,11 +22,14 @@ def quiet() -> None:
     logging.getLogger("ledgerlog.pulsar.client").setLevel(logging.ERROR)
 
 
-def pulsar_logger() -> logging.Logger:
-    """A logger for raw ``pulsar.Client(..., logger=...)`` that keeps errors only."""
-    logger = logging.getLogger("bench.pulsar-client")
-    logger.setLevel(logging.ERROR)
-    return logger
+def pulsar_logger() -> Any:
+    """A logger for raw ``pulsar.Client(..., logger=...)`` that keeps errors only: the C++
+    client's own (what ledgerlog's Pulsar backend uses by default), because with a stdlib
+    logger pulsar-client calls into Python for every DEBUG line it could log, which would
+    slow the raw baseline down for nothing."""
+    import pulsar
+
+    return pulsar.FileLogger(pulsar.LoggerLevel.Error, "/dev/stderr")
 
 
 def account_keys(n: int) -> list[str]:

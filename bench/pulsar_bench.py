@@ -27,6 +27,7 @@ import random
 import statistics
 import time
 import uuid
+from array import array
 from typing import Any
 
 from bench.common import (
@@ -243,9 +244,10 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
     # showed up as ledgerlog's commit latency. The callbacks run on the replica's reading
     # thread, so they do the least they can: no lock (list.append is atomic), no
     # condition to notify (the end waits by polling). With a lock, a tally and a
-    # notify_all each they were half of that thread's time spent on decisions.
-    latencies: list[float] = []
-    outcomes: list[bool] = []
+    # notify_all each they were half of that thread's time spent on decisions. Arrays,
+    # not lists: the cyclic GC walks a list's items, and these grow to 10^5.
+    latencies = array("d")
+    outcomes = array("b")
     errors: list[BaseException] = []
     warmup = 1.0
     t0 = time.perf_counter()
@@ -297,7 +299,7 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
     return {
         "committed": committed,
         "aborted": len(outcomes) - committed + conflicts,
-        "latencies": latencies,
+        "latencies": latencies.tolist(),
     }
 
 

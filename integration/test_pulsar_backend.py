@@ -630,6 +630,62 @@ def test_end_is_one_cheap_round_trip(local_pulsar: Any) -> None:
         backend.close()
 
 
+_LOGGER_SCRIPT = """
+import logging, sys, time, uuid
+from ledgerlog.backends.pulsar import PulsarBackend
+
+calls = [0]
+original = logging.Logger.log
+
+def counting(self, level, msg, *args, **kwargs):
+    calls[0] += 1
+    return original(self, level, msg, *args, **kwargs)
+
+logging.Logger.log = counting  # every stdlib logger, whatever its level
+option = {"default": None, "stdlib": True}[sys.argv[2]]
+backend = PulsarBackend(sys.argv[1], "log-" + uuid.uuid4().hex[:10], client_logger=option)
+try:
+    with backend.campaign("w", timeout=30) as lw:
+        for _ in range(50):
+            lw.append([b"x"], b"")
+    with backend.reader() as r:
+        seen, deadline = 0, time.monotonic() + 30
+        while seen < 50 and time.monotonic() < deadline:
+            seen += len(r.read(1024, timeout=0.5))
+    kind = type(backend._client_options["logger"]).__name__
+finally:
+    backend.close()
+print(seen, calls[0], kind)
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "stdlib"])
+def test_the_c_client_logs_natively_unless_asked_for_a_stdlib_logger(
+    local_pulsar: Any, mode: str
+) -> None:
+    # pulsar-client hands a stdlib logger every line the C++ client could log, DEBUG
+    # included, each call taking the GIL from a client thread: by default the C++ client
+    # logs on its own (errors to stderr); client_logger=True (or a Logger) is the
+    # application's choice. In a process of its own: the C++ client's logger is
+    # process-wide, set by the first client a process creates.
+    out = subprocess.run(
+        [sys.executable, "-c", _LOGGER_SCRIPT, local_pulsar.service_url, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    seen, calls, kind = out.stdout.split()
+    assert int(seen) == 50
+    if mode == "default":
+        assert kind == "FileLogger"
+        assert int(calls) == 0  # nothing the C++ client said reached Python
+    else:
+        assert kind == "Logger"
+        assert int(calls) > 50  # more than a call per message, nearly all below WARNING
+
+
 # -- end to end -----------------------------------------------------------------------------
 
 

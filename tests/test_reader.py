@@ -60,6 +60,28 @@ def test_reader_restarts_from_its_views_checkpoint(tmp_path: Path) -> None:
     view.close()
 
 
+@pytest.mark.timeout(60)
+def test_caught_up_hooks_run_once_when_sync_returns(tmp_path: Path) -> None:
+    # On a busy ledger every poll finds something, so "a poll found nothing" may never
+    # happen; sync() reaching the ledger's end counts as caught up too.
+    path = tmp_path / "ledger"
+    with ledgerlog.open(path, client_id="w") as db:
+        db.wait_writer()
+        for i in range(5):
+            with db.transaction() as tx:
+                tx.put(f"k{i}", i)
+        db.sync()
+    r = ledgerlog.Reader(FileBackend(path), name="hooked")  # no thread: nothing polls idle
+    calls: list[int] = []
+    r.when_caught_up(lambda: calls.append(r.last_seq))
+    assert calls == []
+    assert r.sync(timeout=10) == 5
+    assert calls == [5]
+    r.sync(timeout=10)
+    assert calls == [5]  # once
+    r.close()
+
+
 class _FailingView(ledgerlog.MemoryView):
     """Applies normally until told to fail, like a database whose connection drops."""
 

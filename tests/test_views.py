@@ -220,6 +220,41 @@ def test_snapshot_read_is_consistent_while_applying(kv_view: MemoryView | SQLite
 # -- MemoryView ----------------------------------------------------------------------------
 
 
+def test_memory_lock_free_lookup_sees_each_change_whole() -> None:
+    # lookup() reads without the lock while apply() writes, so apply() orders its
+    # stores (a put's version before its value, a delete's tombstone before removing
+    # the key). Here every store inside apply() is followed by a lookup, from the same
+    # thread, of the state exactly as a concurrent reader could find it: while seq s is
+    # being applied, a lookup must show a version >= s (the reader then aborts), and a
+    # value (each value written is its own seq) never with an older version.
+    view = MemoryView(window=1_000_000)
+    probes: list[tuple[int, tuple[bool, Any, int]]] = []
+    applying = [0]
+
+    class Probed(dict[str, Any]):
+        def __setitem__(self, key: str, value: Any) -> None:
+            super().__setitem__(key, value)
+            probes.append((applying[0], view.lookup(key)))
+
+        def __delitem__(self, key: str) -> None:
+            super().__delitem__(key)
+            probes.append((applying[0], view.lookup(key)))
+
+    view._values = Probed()
+    view._versions = Probed()
+    for seq in range(1, 30):
+        applying[0] = seq
+        op = Delete("k") if seq % 3 == 0 else Put("k", seq)
+        view.apply([(seq, wtxn(op, n=seq))], ckpt(seq + 1))
+    assert len(probes) == 2 * 29
+    for seq, (present, value, version) in probes:
+        assert version >= seq, (seq, present, value, version)
+        if present:
+            assert version >= value, (seq, value, version)
+    assert view.lookup("k") == (True, 29, 29)
+    assert view.lookup("never") == (False, None, 0)
+
+
 def test_memory_tombstones_expire_after_window() -> None:
     view = MemoryView(window=10)
     view.apply([(1, wtxn(Put("a", 1), Put("b", 1))), (3, wtxn(Delete("a")))], ckpt(4))

@@ -424,9 +424,18 @@ class Reader:
         self._subscribers.append(fn)
 
     def when_caught_up(self, fn: Callable[[], None]) -> None:
-        """Call `fn` once, from the reading thread (:meth:`start`), the first time a
-        poll finds nothing new: the replica has read what the ledger held."""
+        """Call `fn` once, the first time the replica has read what the ledger held:
+        from the reading thread (:meth:`start`) when a poll finds nothing new, or from
+        the caller of :meth:`sync` when it returns, whichever comes first (on a busy
+        ledger every poll finds something, so a replica could wait for an idle moment
+        forever)."""
         self._on_caught_up.append(fn)
+
+    def _caught_up(self) -> None:
+        with self._lock:
+            hooks, self._on_caught_up = self._on_caught_up, []
+        for fn in hooks:
+            fn()
 
     def wait_for_seq(self, seq: int, timeout: float | None = None) -> bool:
         """Wait until seq `seq` has been validated and applied; False on timeout."""
@@ -456,13 +465,17 @@ class Reader:
             with self._lock:
                 self._raise_if_failed()
                 if self._log_reader.caught_up(end) and self._position >= self._log_reader.position:
-                    return self.last_seq
+                    seq = self.last_seq
+                    break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"reader {self.name} did not reach {end} in {timeout}s")
                 if self._thread is not None:
                     self._lock.wait(0.05)
                     continue
             self.poll(timeout=0.01)
+        if self._on_caught_up:
+            self._caught_up()
+        return seq
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -488,9 +501,7 @@ class Reader:
             while not self._stop.is_set():
                 try:
                     if not self.poll(timeout=0.05) and self._on_caught_up:
-                        hooks, self._on_caught_up = self._on_caught_up, []
-                        for fn in hooks:
-                            fn()
+                        self._caught_up()
                 except BackendError:
                     # The storage is unreachable for now; the log reader resumes where it
                     # stopped. Anything else (divergence, a view failing) stops the reader.

@@ -1,7 +1,7 @@
 """An in-memory key-value view: the fastest replica, and the model the others are tested
 against.
 
-Each key maps to ``(value, version)``, the version being the seq of the last committed
+Each key has a value and a version, the version being the seq of the last committed
 write to it. A delete removes the key but leaves a tombstone (key -> seq of the delete)
 for ``window`` seqs, so a client can still tell "deleted at seq S" from "never written"
 while its read_version is young enough for the validator to accept it. Events change no
@@ -35,6 +35,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+_ABSENT: Any = object()
+
 
 class MemoryView(View):
     """Keys and values in memory, kept in key order for range reads."""
@@ -50,13 +52,19 @@ class MemoryView(View):
         self.window = window
         self.wants_snapshots = bool(snapshots)
         self._lock = threading.RLock()
-        # A plain dict plus a SortedList of its keys, rather than one SortedDict: the
+        # Plain dicts plus a SortedList of their keys, rather than one SortedDict: the
         # SortedDict's __setitem__ is a Python-level call per write, while this way a
         # put to an existing key is a C-level membership test and store (measured about
         # 1.45x faster applies once keys exist). Deletes are rarer, so tombstones keep
         # the simpler SortedDict.
-        self._data: dict[str, tuple[Any, int]] = {}  # key -> (value, version)
-        # The keys of _data in order, except the newest: keys that appear are only
+        # Values and versions in two dicts, not one dict of (value, version) tuples:
+        # every put made a new tuple, which the cyclic GC tracks until a collection
+        # looks at it, so a busy replica's first generation filled with them (and their
+        # dict) and each collection walked ~100k of them (tens of ms with the GIL held).
+        # With plain values (numbers, strings) neither dict is ever tracked.
+        self._values: dict[str, Any] = {}
+        self._versions: dict[str, int] = {}  # the same keys
+        # The keys present in order, except the newest: keys that appear are only
         # appended to _new_keys, and merged into _keys by the first read that needs the
         # order (one sort of many keys is far cheaper than a SortedList.add each, and a
         # view that is never range-read never pays). See _sorted_keys.
@@ -64,7 +72,7 @@ class MemoryView(View):
         self._new_keys: list[str] = []
         self._tombs: SortedDict = SortedDict()  # key -> seq of its latest delete
         # (seq, key) per delete in seq order, so pruning never scans the map. A put
-        # after a delete leaves the tombstone in place: versions come from _data first,
+        # after a delete leaves the tombstone in place: versions come from _versions first,
         # and the newer put outranks it in max_version_in_range, so it is only dead
         # weight until the window prunes it, which is cheaper than a lookup per put.
         self._tomb_log: deque[tuple[int, str]] = deque()
@@ -81,18 +89,22 @@ class MemoryView(View):
             check_batch(self.name, applied, self._next_seq, checkpoint)
             # The hot path: locals only, one dict store per put (a key is new iff the
             # store grew the dict); SortedList is only called when a key disappears.
-            data = self._data
+            values = self._values
+            versions = self._versions
             new_keys = self._new_keys
             new_key = new_keys.append
             tombs = self._tombs
             tomb_append = self._tomb_log.append
             put = OP_PUT
-            n = len(data)
+            n = len(versions)
             for seq, txn in applied:
                 for op, key, value in txn.writes:
                     if op == put:
-                        data[key] = (value, seq)
-                        if len(data) != n:
+                        # The version before the value: a lock-free lookup (see lookup)
+                        # reads the value first, so a new value comes with its version.
+                        versions[key] = seq
+                        values[key] = value
+                        if len(versions) != n:
                             n += 1
                             new_key(key)
                     else:
@@ -100,8 +112,9 @@ class MemoryView(View):
                         # see the key gone without the delete's seq.
                         tombs[key] = seq
                         tomb_append((seq, key))
-                        if key in data:
-                            del data[key]
+                        if key in versions:
+                            del values[key]
+                            del versions[key]
                             n -= 1
                             if new_keys:
                                 self._sorted_keys()
@@ -111,7 +124,7 @@ class MemoryView(View):
             self._prune(checkpoint.next_seq - 1 - self.window)
 
     def _sorted_keys(self) -> SortedList:
-        """The keys of _data in order (call with the lock held)."""
+        """The keys present, in order (call with the lock held)."""
         if self._new_keys:
             self._keys.update(self._new_keys)
             self._new_keys.clear()
@@ -144,61 +157,62 @@ class MemoryView(View):
     def get(self, key: str) -> Any | None:
         """The key's value, or None if it is absent."""
         with self._lock:
-            entry = self._data.get(key)
-        return None if entry is None else entry[0]
+            return self._values.get(key)
 
     def get_versioned(self, key: str) -> tuple[Any, int] | None:
         """``(value, version)``, or None if the key is absent."""
         with self._lock:
-            return self._data.get(key)
+            version = self._versions.get(key)
+            return None if version is None else (self._values[key], version)
 
     def lookup(self, key: str) -> tuple[bool, Any, int]:
         """``(present, value, version)``: a present key's value and version, or for an
         absent one ``(False, None, seq of its delete or 0)``; without taking the lock, for
         the client's read path.
 
-        Safe without the lock because each key's entry is replaced whole (one dict store
-        of an immutable tuple) and versions only grow: a reader that checks the version
-        against its read_version either sees the value as of that read_version or a
-        version above it (and aborts). See :class:`ledgerlog.client.Tx`.
+        Safe without the lock because versions only grow and :meth:`apply` stores a put's
+        version before its value and a delete's tombstone before removing the key, while
+        this reads the value first: a value comes with its own version or a newer one,
+        and a key changing between the two reads shows that change's seq. A reader that
+        checks the version against its read_version therefore either sees the value as
+        of that read_version or a version above it (and aborts). See
+        :class:`ledgerlog.client.Tx`.
         """
-        entry = self._data.get(key)
-        if entry is not None:
-            return True, entry[0], entry[1]
-        return False, None, self._tombs.get(key, 0)
+        value = self._values.get(key, _ABSENT)
+        version = self._versions.get(key)
+        if value is not _ABSENT and version is not None:
+            return True, value, version
+        return False, None, max(version or 0, self._tombs.get(key, 0))
 
     def version(self, key: str) -> int:
         """Seq of the key's last put or delete; 0 if never written, or if it was deleted
         longer than ``window`` seqs ago (its tombstone is gone)."""
         with self._lock:
-            entry = self._data.get(key)
-            if entry is not None:
-                return int(entry[1])
+            version = self._versions.get(key)
+            if version is not None:
+                return version
             return int(self._tombs.get(key, 0))
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
-            return key in self._data
+            return key in self._versions
 
     def range(
         self, start: str, end: str | None = None, limit: int | None = None
     ) -> list[tuple[str, Any]]:
         """``(key, value)`` for keys in [start, end) in key order, at most `limit` of them."""
         with self._lock:
-            data = self._data
-            return [(k, data[k][0]) for k in self._keys_in(start, end, limit)]
+            values = self._values
+            return [(k, values[k]) for k in self._keys_in(start, end, limit)]
 
     def range_versioned(
         self, start: str, end: str | None = None, limit: int | None = None
     ) -> list[tuple[str, Any, int]]:
         """``(key, value, version)`` for keys in [start, end), like :meth:`range`."""
         with self._lock:
-            data = self._data
-            out: list[tuple[str, Any, int]] = []
-            for k in self._keys_in(start, end, limit):
-                value, version = data[k]
-                out.append((k, value, version))
-            return out
+            values = self._values
+            versions = self._versions
+            return [(k, values[k], versions[k]) for k in self._keys_in(start, end, limit)]
 
     def max_version_in_range(self, start: str, end: str | None = None) -> int:
         """Highest seq of any put or delete of a key in [start, end); 0 if none is known.
@@ -211,10 +225,10 @@ class MemoryView(View):
         if end is not None and end <= start:
             return 0
         with self._lock:
-            data = self._data
+            versions = self._versions
             best = 0
             for k in self._sorted_keys().irange(start, end, inclusive=(True, False)):
-                version = data[k][1]
+                version = versions[k]
                 if version > best:
                     best = version
             for k in self._tombs.irange(start, end, inclusive=(True, False)):
@@ -226,18 +240,18 @@ class MemoryView(View):
     def items(self) -> list[tuple[str, Any]]:
         """Every ``(key, value)`` in key order."""
         with self._lock:
-            data = self._data
-            return [(k, data[k][0]) for k in self._sorted_keys()]
+            values = self._values
+            return [(k, values[k]) for k in self._sorted_keys()]
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._data)
+            return len(self._versions)
 
     def tombstones(self) -> dict[str, int]:
         """Deleted keys still remembered, with the seq of their delete (for tests, tools)."""
         with self._lock:
-            data = self._data
-            return {k: s for k, s in self._tombs.items() if k not in data}
+            versions = self._versions
+            return {k: s for k, s in self._tombs.items() if k not in versions}
 
     # -- helpers ---------------------------------------------------------------------------
 
