@@ -631,7 +631,7 @@ def test_end_is_one_cheap_round_trip(local_pulsar: Any) -> None:
 
 
 _LOGGER_SCRIPT = """
-import logging, sys, time, uuid
+import logging, os, sys, time, uuid
 from ledgerlog.backends.pulsar import PulsarBackend
 
 calls = [0]
@@ -655,7 +655,10 @@ try:
     kind = type(backend._client_options["logger"]).__name__
 finally:
     backend.close()
-print(seen, calls[0], kind)
+print(seen, calls[0], kind, flush=True)
+# pulsar-client's threads can still be calling the stdlib logger while the interpreter
+# shuts down, which aborts the process ("terminate called without an active exception").
+os._exit(0)
 """
 
 
