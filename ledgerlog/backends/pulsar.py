@@ -725,66 +725,6 @@ class _LeaseWatch:
 # -- reading -------------------------------------------------------------------------------
 
 
-class _AsyncReads:
-    """Messages of a ``pulsar.Reader`` without exceptions on the hot path.
-
-    ``read_next(0)`` on an empty receive queue raises ``pulsar.Timeout``, and a raised
-    exception costs about 80 µs here (a queued message: 6 µs): one or two per poll, in
-    every replica and in the writer. ``read_next_async`` instead completes at once, in
-    the calling thread, while messages are queued, and otherwise stays registered and
-    completes on the client's listener thread when the next one arrives; at most one is
-    registered, so messages stay in order."""
-
-    def __init__(self, reader: Any) -> None:
-        self._raw = reader._reader  # the extension's Reader: read_next_async is not wrapped
-        self._cond = threading.Condition(threading.Lock())
-        self._ready: deque[Any] = deque()
-        self._pending = False
-        self._error: Any = None
-
-    def _on_read(self, result: Any, msg: Any) -> None:
-        # Runs in fill() or on the client's listener thread: it must not raise.
-        with self._cond:
-            self._pending = False
-            if result == pulsar.Result.Ok:
-                self._ready.append(msg)
-            else:
-                self._error = result
-            self._cond.notify_all()
-
-    def fill(self, want: int) -> None:
-        """Take up to `want` queued messages, without waiting."""
-        while True:
-            with self._cond:
-                if len(self._ready) >= want or self._pending or self._error is not None:
-                    return
-                self._pending = True
-            try:
-                self._raw.read_next_async(self._on_read)
-            except Exception as exc:
-                with self._cond:
-                    self._pending = False
-                    self._error = exc
-                return
-
-    def wait(self, timeout: float) -> None:
-        """Wait up to `timeout` seconds for a message (or an error) to arrive."""
-        self.fill(1)
-        with self._cond:
-            self._cond.wait_for(lambda: self._ready or self._error is not None, timeout)
-
-    def take(self) -> Any | None:
-        """The oldest message delivered, or None."""
-        with self._cond:
-            return self._ready.popleft() if self._ready else None
-
-    def error(self) -> Any:
-        """The error of the last read, once (the next fill() reads again)."""
-        with self._cond:
-            error, self._error = self._error, None
-            return error
-
-
 class PulsarLogReader(LogReader):
     """A Pulsar reader on the ledger topic (a non-durable subscription).
 
@@ -807,22 +747,23 @@ class PulsarLogReader(LogReader):
             )
         except PulsarException as exc:
             raise _broker_error(backend, f"reader on {backend.topic} at {start}", exc) from exc
-        self._reads = _AsyncReads(self._reader)
 
     @property
     def position(self) -> Position:
         return self._position
 
-    def _read_failed(self) -> None:
-        error = self._reads.error()
-        if error is None:
-            return
-        if self._closed or self.backend._closed:
-            raise ClosedError("reader is closed")
-        if error != pulsar.Result.AlreadyClosed:
-            log.warning(
-                "ledger read failed; retrying", ledger=self.backend.ledger, error=repr(error)
-            )
+    def _next(self, timeout_ms: int) -> Any:
+        try:
+            return self._reader.read_next(timeout_ms)
+        except pulsar.Timeout:
+            return None
+        except pulsar.AlreadyClosed as exc:
+            if self._closed or self.backend._closed:
+                raise ClosedError("reader is closed") from exc
+            return None
+        except PulsarException as exc:
+            log.warning("ledger read failed; retrying", ledger=self.backend.ledger, error=repr(exc))
+            return None
 
     def _more_on_broker(self) -> bool:
         try:
@@ -833,32 +774,23 @@ class PulsarLogReader(LogReader):
     def read(self, max_entries: int = 1024, timeout: float = 0.0) -> list[Entry]:
         if self._closed:
             raise ClosedError("reader is closed")
-        reads = self._reads
         out: list[Entry] = []
-        reads.fill(max_entries)
-        self._take(out, max_entries)
-        if not out:
-            self._read_failed()
-            if timeout > 0:
-                reads.wait(timeout)
-            # Nothing has arrived locally: entries the broker holds may still be on their
-            # way, and "timeout=0" must still return what exists now.
-            elif self._more_on_broker():
-                reads.wait(self._op_ms / 1000)
-            self._take(out, max_entries)
-            if out:
-                reads.fill(max_entries - len(out))
-                self._take(out, max_entries)
-            else:
-                self._read_failed()
-        return out
-
-    def _take(self, out: list[Entry], max_entries: int) -> None:
-        reads = self._reads
+        deadline = time.monotonic() + max(timeout, 0.0)
+        msg = self._next(0)
         while len(out) < max_entries:
-            msg = reads.take()
             if msg is None:
-                return
+                if out:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    msg = self._next(max(1, int(remaining * 1000)))
+                # Nothing has arrived locally: entries the broker holds may still be on
+                # their way, and "timeout=0" must still return what exists now.
+                elif self._more_on_broker():
+                    msg = self._next(self._op_ms)
+                    deadline = time.monotonic()  # one such wait per call
+                if msg is None:
+                    break
             ledger_id, entry_id, batch_index = _ids(msg.message_id())
             nxt = _next_position(ledger_id, entry_id)
             if ledger_id >= 0 and nxt > self._position:
@@ -867,6 +799,8 @@ class PulsarLogReader(LogReader):
                 data = msg.data() if batch_index < 0 else b""
                 out.append(Entry(Position(ledger_id, entry_id), nxt, data))
                 self._position = nxt
+            msg = self._next(0) if len(out) < max_entries else None
+        return out
 
     def close(self) -> None:
         if self._closed:
@@ -1296,46 +1230,33 @@ class PulsarIntakeConsumer(IntakeConsumer):
         except PulsarException as exc:
             self.close()
             raise BackendError(f"intake reader on {backend.intake_topic}: {exc}") from exc
-        self._reads = _AsyncReads(self._reader)
 
-    def _poll_failed(self) -> None:
-        error = self._reads.error()
-        if error is None:
-            return
-        if self._closed:
-            raise ClosedError("intake consumer is closed")
-        self._log.warning("intake read failed", error=repr(error))
+    def _next(self, timeout_ms: int) -> Any:
+        try:
+            return self._reader.read_next(timeout_ms)
+        except pulsar.Timeout:
+            return None
+        except PulsarException as exc:
+            if self._closed:
+                raise ClosedError("intake consumer is closed") from exc
+            self._log.warning("intake read failed", error=repr(exc))
+            return None
 
     def poll(self, max_items: int = 1024, timeout: float = 0.0) -> list[IntakeItem]:
         if self._closed:
             raise ClosedError("intake consumer is closed")
-        reads = self._reads
         items: list[IntakeItem] = []
-        reads.fill(max_items)
-        self._take(items, max_items)
-        if not items:
-            self._poll_failed()
-            if timeout > 0:
-                reads.wait(timeout)
-            self._take(items, max_items)
-            if items:
-                reads.fill(max_items - len(items))
-                self._take(items, max_items)
-            else:
-                self._poll_failed()
-        return items
-
-    def _take(self, items: list[IntakeItem], max_items: int) -> None:
-        reads = self._reads
-        while len(items) < max_items:
-            msg = reads.take()
-            if msg is None:
-                return
+        msg = self._next(max(int(timeout * 1000), 0))
+        while msg is not None:
             msg_id = msg.message_id()
             ids = _ids(msg_id)
             if ids > self._last:  # never hand out a submission twice, whatever reconnects do
                 self._last = ids
                 items.append(IntakeItem(msg.data(), msg_id))
+                if len(items) >= max_items:
+                    break
+            msg = self._next(0)
+        return items
 
     def meta(self, items: Sequence[IntakeItem]) -> bytes:
         if items:
