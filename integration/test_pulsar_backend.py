@@ -465,10 +465,24 @@ def test_pipelined_appends_of_a_fenced_writer_all_fail(local_pulsar: Any) -> Non
         b.close()
 
 
+def _intake_messages(backend: PulsarBackend) -> list[bytes]:
+    """Every message on the ledger's intake topic, in order."""
+    import pulsar
+
+    reader = backend.client.create_reader(backend.intake_topic, pulsar.MessageId.earliest)
+    messages: list[bytes] = []
+    while True:
+        try:
+            messages.append(reader.read_next(2000).data())
+        except pulsar.Timeout:
+            break
+    reader.close()
+    return messages
+
+
 def test_intake_holds_back_and_merges_submissions_while_messages_are_in_flight(
     local_pulsar: Any,
 ) -> None:
-    import pulsar
     from msgspec import msgpack
 
     from ledgerlog.codec import WireIntake, decode_entry, encode_intake
@@ -491,14 +505,7 @@ def test_intake_holds_back_and_merges_submissions_while_messages_are_in_flight(
         producer.submit_async(b"foreign bytes", finished)  # not an intake batch
         assert done.wait(30), f"{len(results)} of {n + 1} submissions acknowledged"
         assert results == [None] * (n + 1)
-        reader = backend.client.create_reader(backend.intake_topic, pulsar.MessageId.earliest)
-        messages: list[bytes] = []
-        while True:
-            try:
-                messages.append(reader.read_next(2000).data())
-            except pulsar.Timeout:
-                break
-        reader.close()
+        messages = _intake_messages(backend)
         # One in flight: the rest was held and went out merged, in submission order,
         # except the foreign bytes, which travel as they are.
         assert len(messages) < n // 2
@@ -543,7 +550,6 @@ def test_submissions_made_before_close_reach_the_ledger(local_pulsar: Any) -> No
 
 
 def test_close_sends_held_submissions_in_messages_of_at_most_1_mib(local_pulsar: Any) -> None:
-    import pulsar
     from msgspec import msgpack
 
     from ledgerlog.codec import WireIntake, decode_entry, encode_intake
@@ -559,14 +565,7 @@ def test_close_sends_held_submissions_in_messages_of_at_most_1_mib(local_pulsar:
             producer.submit_async(encode_intake([t]), results.append)
         producer.close()  # the first is in flight, four are held: sent and flushed here
         assert results == [None] * 5
-        reader = backend.client.create_reader(backend.intake_topic, pulsar.MessageId.earliest)
-        messages: list[bytes] = []
-        while True:
-            try:
-                messages.append(reader.read_next(2000).data())
-            except pulsar.Timeout:
-                break
-        reader.close()
+        messages = _intake_messages(backend)
         assert 1 < len(messages) < 5 and max(len(m) for m in messages) <= (1 << 20) + 1024
         txns: list[bytes] = []
         for data in messages:

@@ -758,12 +758,10 @@ _FREEZE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode", ["on", "off"])
-def test_client_freezes_the_gc_once_caught_up_unless_told_not_to(tmp_path: Path, mode: str) -> None:
-    # In a process of its own: gc.freeze() is process-wide and happens once.
+def _run_freeze_script(tmp_path: Path, *args: str) -> tuple[int, int, int]:
+    """Freeze count before and after, and the first-generation threshold at the end."""
     out = subprocess.run(
-        [sys.executable, "-c", _FREEZE_SCRIPT, str(tmp_path / "ledger"), mode],
+        [sys.executable, "-c", _FREEZE_SCRIPT, str(tmp_path / "ledger"), *args],
         capture_output=True,
         text=True,
         timeout=40,
@@ -771,6 +769,14 @@ def test_client_freezes_the_gc_once_caught_up_unless_told_not_to(tmp_path: Path,
     )
     assert out.returncode == 0, out.stderr
     before, after, gen0 = map(int, out.stdout.split())
+    return before, after, gen0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_client_freezes_the_gc_once_caught_up_unless_told_not_to(tmp_path: Path, mode: str) -> None:
+    # In a process of its own: gc.freeze() is process-wide and happens once.
+    before, after, gen0 = _run_freeze_script(tmp_path, mode)
     assert before == 0
     assert (after > 0) if mode == "on" else (after == 0)
     # The first generation's threshold goes with it: up from the default, or left alone.
@@ -779,15 +785,7 @@ def test_client_freezes_the_gc_once_caught_up_unless_told_not_to(tmp_path: Path,
 
 @pytest.mark.timeout(60)
 def test_client_keeps_a_gc_threshold_the_application_set(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _FREEZE_SCRIPT, str(tmp_path / "ledger"), "on", "5000"],
-        capture_output=True,
-        text=True,
-        timeout=40,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    before, after, gen0 = map(int, out.stdout.split())
+    before, after, gen0 = _run_freeze_script(tmp_path, "on", "5000")
     assert after > before  # still frozen
     assert gen0 == 5000
 

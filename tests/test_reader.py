@@ -32,16 +32,21 @@ def test_sync_returns_when_the_last_entry_is_followed_by_a_seal(tmp_path: Path) 
         assert time.monotonic() - started < 5
 
 
-@pytest.mark.timeout(60)
-def test_reader_restarts_from_its_views_checkpoint(tmp_path: Path) -> None:
-    path = tmp_path / "ledger"
+def _ledger_of(path: Path, n: int) -> bytes:
+    """A file ledger at `path` with `n` committed puts k0..k{n-1} = 0..n-1; its digest."""
     with ledgerlog.open(path, client_id="w") as db:
         db.wait_writer()
-        for i in range(30):
+        for i in range(n):
             with db.transaction() as tx:
                 tx.put(f"k{i}", i)
         db.sync()
-        digest = db.digest
+        return db.digest
+
+
+@pytest.mark.timeout(60)
+def test_reader_restarts_from_its_views_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    digest = _ledger_of(path, 30)
     view = ledgerlog.SQLiteView(tmp_path / "view.db")
     backend = FileBackend(path)
     r = ledgerlog.Reader(backend, [view], name="durable")
@@ -65,12 +70,7 @@ def test_caught_up_hooks_run_once_when_sync_returns(tmp_path: Path) -> None:
     # On a busy ledger every poll finds something, so "a poll found nothing" may never
     # happen; sync() reaching the ledger's end counts as caught up too.
     path = tmp_path / "ledger"
-    with ledgerlog.open(path, client_id="w") as db:
-        db.wait_writer()
-        for i in range(5):
-            with db.transaction() as tx:
-                tx.put(f"k{i}", i)
-        db.sync()
+    _ledger_of(path, 5)
     r = ledgerlog.Reader(FileBackend(path), name="hooked")  # no thread: nothing polls idle
     calls: list[int] = []
     r.when_caught_up(lambda: calls.append(r.last_seq))
@@ -96,12 +96,7 @@ class _FailingView(ledgerlog.MemoryView):
 @pytest.mark.timeout(60)
 def test_a_failing_view_stops_the_reader_instead_of_skipping_a_batch(tmp_path: Path) -> None:
     path = tmp_path / "ledger"
-    with ledgerlog.open(path, client_id="w") as db:
-        db.wait_writer()
-        for i in range(10):
-            with db.transaction() as tx:
-                tx.put(f"k{i}", i)
-        db.sync()
+    _ledger_of(path, 10)
     backend = FileBackend(path)
     view = _FailingView()
     r = ledgerlog.Reader(backend, [view], name="fragile")
