@@ -54,6 +54,17 @@ def pct(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+def window_p99(results: Iterable[dict[str, Any]], width: float = 1.0) -> list[float]:
+    """p99 in ms of each `width`-second window of the paced runs' `scheduled_at` times
+    (all clients together): one bad second of a run shows as such, where the run's p99
+    alone cannot tell a spike from a slow run."""
+    windows: dict[int, list[float]] = {}
+    for r in results:
+        for at, took in zip(r["scheduled_at"], r["latencies"], strict=True):
+            windows.setdefault(int(at // width), []).append(took)
+    return [1000 * pct(sorted(windows[k]), 0.99) for k in sorted(windows)]
+
+
 def get_result(q: Any, procs: Sequence[Any], timeout: float) -> Any:
     """The next result from `q`; fails fast when a child process died instead."""
     deadline = time.monotonic() + timeout

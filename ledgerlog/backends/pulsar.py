@@ -753,6 +753,12 @@ class PulsarLogReader(LogReader):
         return self._position
 
     def _next(self, timeout_ms: int) -> Any:
+        # read_next, not read_next_async: the C++ consumer's receiveAsync races with a
+        # message arriving (ConsumerImpl::executeNotifyCallback finds no pending receive,
+        # unlocks, then queues the message; a receiveAsync in between registers behind
+        # it), so that message waits for the next arrival and is delivered after it: a
+        # hang when none comes, entries out of order otherwise. A full benchmark run with
+        # read_next_async hung once, as this predicts.
         try:
             return self._reader.read_next(timeout_ms)
         except pulsar.Timeout:
@@ -775,20 +781,20 @@ class PulsarLogReader(LogReader):
         if self._closed:
             raise ClosedError("reader is closed")
         out: list[Entry] = []
-        deadline = time.monotonic() + max(timeout, 0.0)
-        msg = self._next(0)
+        # With a timeout, one blocking call takes a queued message or waits for one: an
+        # empty queue's read_next(0) raises Timeout, and an exception costs ~80 us here,
+        # once per poll of every replica.
+        waited = timeout > 0
+        msg = self._next(max(1, int(timeout * 1000)) if waited else 0)
         while len(out) < max_entries:
             if msg is None:
-                if out:
+                if out or waited:
                     break
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    msg = self._next(max(1, int(remaining * 1000)))
                 # Nothing has arrived locally: entries the broker holds may still be on
                 # their way, and "timeout=0" must still return what exists now.
-                elif self._more_on_broker():
+                if self._more_on_broker():
                     msg = self._next(self._op_ms)
-                    deadline = time.monotonic()  # one such wait per call
+                waited = True  # one such wait per call
                 if msg is None:
                     break
             ledger_id, entry_id, batch_index = _ids(msg.message_id())
