@@ -208,3 +208,69 @@ def test_decision_futures_of_one_batch_wait_for_their_own_result(tmp_path: Path)
         assert not r._waiters
     finally:
         r.close()
+
+
+class _RecordingView(ledgerlog.MemoryView):
+    """Records (transactions applied, checkpoint next_seq, checkpoint position) per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int, ledgerlog.Position]] = []
+
+    def apply(self, applied, checkpoint):  # type: ignore[no-untyped-def]
+        self.calls.append((len(applied), checkpoint.next_seq, checkpoint.position))
+        super().apply(applied, checkpoint)
+
+
+@pytest.mark.timeout(120)
+def test_a_long_poll_applies_and_announces_in_steps(tmp_path: Path) -> None:
+    from ledgerlog.reader import APPLY_EVERY_TXNS
+
+    path = tmp_path / "ledger"
+    per_record = APPLY_EVERY_TXNS * 3 // 4
+    with ledgerlog.open(path, client_id="w") as db:
+        db.wait_writer()
+        for b in range(4):
+            txs = []
+            for i in range(per_record):
+                tx = db.transaction()
+                tx.put(f"k{b}-{i}", i)
+                txs.append(tx)
+            assert all(f.result(30).committed for f in db.submit_many(txs))
+        digest = db.digest
+        total = db.sync()
+    assert total == 4 * per_record
+    backend = FileBackend(path)
+    view = _RecordingView()
+    r = ledgerlog.Reader(backend, [view], name="stepped")
+    announced: list[int] = []
+    r.subscribe(lambda results: announced.append(sum(len(x.outcomes) for x in results)))
+    try:
+        results = r.poll(timeout=1.0)  # everything, in one poll
+        assert sum(len(x.outcomes) for x in results if x.kind == "record") == total
+        assert r.digest == digest and r.last_seq == total
+        # Applied and announced in steps of at least APPLY_EVERY_TXNS transactions, each
+        # ending at an entry boundary with a checkpoint that moves forward; the last one
+        # at the reader's position.
+        assert len(view.calls) >= 2
+        assert [n for n, _, _ in view.calls] == announced
+        assert sum(announced) == total
+        assert all(n >= APPLY_EVERY_TXNS for n in announced[:-1])
+        seqs = [s for _, s, _ in view.calls]
+        positions = [p for _, _, p in view.calls]
+        assert seqs == sorted(seqs) and seqs[-1] == total + 1
+        assert positions == sorted(positions) and positions[0] < positions[-1] == r.position
+        assert view.applied_seq == total and view.get("k3-0") == 0
+    finally:
+        r.close()
+        backend.close()
+    # Restarted over the view, a reader re-validates from the last validator snapshot
+    # the view holds and applies nothing twice.
+    before = len(view.calls)
+    r = ledgerlog.Reader(FileBackend(path), [view], name="stepped")
+    try:
+        r.catch_up(timeout=10)
+        assert r.digest == digest and r.last_seq == total
+        assert sum(n for n, _, _ in view.calls[before:]) == 0
+    finally:
+        r.close()

@@ -65,6 +65,13 @@ def _unpack_snapshot(data: bytes) -> tuple[Position, bytes]:
         raise FormatError(f"corrupt reader snapshot: {exc}") from exc
 
 
+#: A poll applies and announces what it validated at least every this many transactions,
+#: not once at its end: a replica catching up (or behind after a stall) reads up to 1,024
+#: entries of hundreds of transactions each, held every decoded transaction alive until
+#: the end (the cyclic GC's full passes over them took most of a catch-up), and released
+#: no decision until then.
+APPLY_EVERY_TXNS: Final = 2048
+
 _UNSETTLED: Final = (PENDING, RUNNING)
 _SETTLED: Final = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
@@ -244,6 +251,14 @@ class Reader:
 
     def poll(self, timeout: float = 0.0, max_entries: int = 1024) -> list[EntryResult]:
         """Read, validate and apply what is available (waiting up to `timeout`)."""
+        results: list[EntryResult] = []
+        self._poll(timeout, max_entries, results)
+        return results
+
+    def _poll(self, timeout: float, max_entries: int, keep: list[EntryResult] | None) -> int:
+        """:meth:`poll`, adding the results to `keep` if given (the reader's own thread
+        keeps none: a long poll's results would hold every transaction it decoded);
+        returns the number of entries read."""
         if self._closed:
             raise ClosedError(f"reader {self.name} is closed")
         if self._failed is not None:
@@ -252,17 +267,21 @@ class Reader:
         if not entries:
             # The cursor may still have moved (past a seal, say): nothing to apply there.
             self._position = self._log_reader.position
-            return []
+            return 0
         state = self.state
-        results: list[EntryResult] = []
+        chunk: list[EntryResult] = []
         applied: list[tuple[int, object]] = []
-        commits = 0
-        for e in entries:
+        commits = txns = 0
+        last = len(entries) - 1
+        for i, e in enumerate(entries):
             res = process_entry(state, e.data)
-            results.append(res)
+            if keep is not None:
+                keep.append(res)
+            chunk.append(res)
             if res.kind == "record":
                 applied.extend(res.committed)
                 commits += len(res.committed)
+                txns += len(res.outcomes)
                 self._digests.append((state.next_seq - 1, state.digest))
                 self._check_expected()
             elif res.kind == "rejected":
@@ -273,8 +292,23 @@ class Reader:
                 self._log.warning("malformed entry", detail=res.detail, at=str(e.position))
             elif res.kind == "epoch":
                 self._log.info("new epoch", epoch=res.epoch, writer=res.writer_id)
+            if txns >= APPLY_EVERY_TXNS and i < last:
+                self._publish(chunk, applied, commits, e.next)
+                chunk, applied, commits, txns = [], [], 0, 0
         # Where the next read starts: past these entries, and past any seal after them.
-        position = self._log_reader.position
+        self._publish(chunk, applied, commits, self._log_reader.position)
+        self.entries_read += len(entries)
+        return len(entries)
+
+    def _publish(
+        self,
+        results: list[EntryResult],
+        applied: list[tuple[int, object]],
+        commits: int,
+        position: Position,
+    ) -> None:
+        """Apply validated entries to the views, then move to `position` and settle the
+        decisions (in that order: a decision is announced only once views hold it)."""
         try:
             self._apply(applied, position)
         except Exception as exc:
@@ -288,9 +322,7 @@ class Reader:
                 "the views' checkpoints"
             ) from exc
         self._position = position
-        self.entries_read += len(entries)
         self._notify(results, commits)
-        return results
 
     def _check_expected(self) -> None:
         for i, exp in enumerate(self._expect):
@@ -449,7 +481,7 @@ class Reader:
                 if self._thread is None:
                     self._lock.release()
                     try:
-                        self.poll(timeout=min(remaining or 0.05, 0.05))
+                        self._poll(min(remaining or 0.05, 0.05), 1024, None)
                     finally:
                         self._lock.acquire()
                 else:
@@ -472,7 +504,7 @@ class Reader:
                 if self._thread is not None:
                     self._lock.wait(0.05)
                     continue
-            self.poll(timeout=0.01)
+            self._poll(0.01, 1024, None)
         if self._on_caught_up:
             self._caught_up()
         return seq
@@ -500,7 +532,7 @@ class Reader:
         try:
             while not self._stop.is_set():
                 try:
-                    if not self.poll(timeout=0.05) and self._on_caught_up:
+                    if not self._poll(0.05, 1024, None) and self._on_caught_up:
                         self._caught_up()
                 except BackendError:
                     # The storage is unreachable for now; the log reader resumes where it
