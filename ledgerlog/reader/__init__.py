@@ -67,9 +67,9 @@ def _unpack_snapshot(data: bytes) -> tuple[Position, bytes]:
 
 #: A poll applies and announces what it validated at least every this many transactions,
 #: not once at its end: a replica catching up (or behind after a stall) reads up to 1,024
-#: entries of hundreds of transactions each, held every decoded transaction alive until
-#: the end (the cyclic GC's full passes over them took most of a catch-up), and released
-#: no decision until then.
+#: entries of up to hundreds of transactions each, and released no decision before the
+#: last was validated, while every decoded transaction stayed alive for the cyclic GC to
+#: walk (catching up 307k transactions: 1.3-1.6 s in the GC before, 0.6-1.0 s after).
 APPLY_EVERY_TXNS: Final = 2048
 
 _UNSETTLED: Final = (PENDING, RUNNING)
@@ -293,10 +293,10 @@ class Reader:
             elif res.kind == "epoch":
                 self._log.info("new epoch", epoch=res.epoch, writer=res.writer_id)
             if txns >= APPLY_EVERY_TXNS and i < last:
-                self._publish(chunk, applied, commits, e.next)
+                self._publish(chunk, applied, commits, e.next, snapshot=False)
                 chunk, applied, commits, txns = [], [], 0, 0
         # Where the next read starts: past these entries, and past any seal after them.
-        self._publish(chunk, applied, commits, self._log_reader.position)
+        self._publish(chunk, applied, commits, self._log_reader.position, snapshot=True)
         self.entries_read += len(entries)
         return len(entries)
 
@@ -306,11 +306,15 @@ class Reader:
         applied: list[tuple[int, object]],
         commits: int,
         position: Position,
+        *,
+        snapshot: bool,
     ) -> None:
         """Apply validated entries to the views, then move to `position` and settle the
-        decisions (in that order: a decision is announced only once views hold it)."""
+        decisions (in that order: a decision is announced only once views hold it).
+        Validator snapshots only where `snapshot` (at a poll's end): exporting the state
+        takes ~0.2 s at 10^5 keys, and a catch-up's steps are seconds apart."""
         try:
-            self._apply(applied, position)
+            self._apply(applied, position, snapshot)
         except Exception as exc:
             # The validator state has moved past this batch but (some) views have not:
             # going on would skip it in them. Stop for good; a new Reader resumes from
@@ -335,12 +339,14 @@ class Reader:
                         f"{exp[1].hex()}"
                     )
 
-    def _apply(self, applied: list[tuple[int, object]], position: Position) -> None:
+    def _apply(
+        self, applied: list[tuple[int, object]], position: Position, may_snapshot: bool = True
+    ) -> None:
         if not self.views:
             return
         state = self.state
         snapshot = b""
-        if self._snapshots and (
+        if may_snapshot and self._snapshots and (
             state.next_seq - self._snapshot_seq >= self.snapshot_every or not self._snapshot
         ):
             snapshot = _pack_snapshot(position, state.snapshot())
