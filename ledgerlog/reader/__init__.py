@@ -346,8 +346,10 @@ class Reader:
             return
         state = self.state
         snapshot = b""
-        if may_snapshot and self._snapshots and (
-            state.next_seq - self._snapshot_seq >= self.snapshot_every or not self._snapshot
+        if (
+            may_snapshot
+            and self._snapshots
+            and (state.next_seq - self._snapshot_seq >= self.snapshot_every or not self._snapshot)
         ):
             snapshot = _pack_snapshot(position, state.snapshot())
             self._snapshot = snapshot
