@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.common import pct as _pct
 from bench.common import quiet as _quiet
-from bench.common import run_processes, writer_process
+from bench.common import run_processes, window_p99, writer_process
 from bench.pulsar_bench import _paced, _peak
 
 Bridge = tuple[float, float, float, float]  # calls, bytes to Java, bytes from Java, seconds
@@ -176,12 +176,15 @@ def measure(
         "paced_per_s": sum(r["committed"] for r in paced) / seconds,
         "p50_ms": 1000 * _pct(lat, 0.50),
         "p99_ms": 1000 * _pct(lat, 0.99),
+        "window_p99_ms": window_p99(paced),
     }
     print(
         f"{name:<10} closed loop, {clients} client processes + 1 writer process: "
         f"{rate:>8,.0f} committed txn/s ({out['aborted']:,} aborted; submit_many of {batch}) "
         f"| paced at {out['paced_per_s']:,.0f} txn/s: p50 {out['p50_ms']:.1f} ms, "
-        f"p99 {out['p99_ms']:.1f} ms ({len(lat):,} measured)",
+        f"p99 {out['p99_ms']:.1f} ms ({len(lat):,} measured); p99 of each second: "
+        + " ".join(f"{w:.0f}" for w in out["window_p99_ms"])
+        + " ms",
         flush=True,
     )
     if metrics_port is not None:
