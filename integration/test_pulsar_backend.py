@@ -41,6 +41,7 @@ import pytest
 import ledgerlog
 from ledgerlog.check.procs import Proc, spawn
 from ledgerlog.errors import (
+    BackendError,
     ConfigError,
     ConflictError,
     LedgerlogError,
@@ -625,6 +626,57 @@ def test_end_is_one_cheap_round_trip(local_pulsar: Any) -> None:
         for _ in range(20):
             backend.end()
         assert (time.perf_counter() - started) / 20 < 0.05
+    finally:
+        backend.close()
+
+
+class _StaleEndConsumer:
+    """Answers get_last_message_id with a fixed id, as the client library did around a
+    broker restart (an "empty topic" answer for a ledger with entries)."""
+
+    def __init__(self, msg_id: Any) -> None:
+        self.msg_id = msg_id
+        self.calls = 0
+
+    def get_last_message_id(self) -> Any:
+        self.calls += 1
+        return self.msg_id
+
+    def close(self) -> None:
+        pass
+
+
+def test_end_never_goes_back_before_what_was_read(local_pulsar: Any) -> None:
+    import pulsar
+
+    ledger = f"end-{uuid.uuid4().hex[:10]}"
+    backend = PulsarBackend(local_pulsar.service_url, ledger, operation_timeout=1.0)
+    try:
+        with backend.campaign("w", timeout=30) as lw:
+            first = lw.append([b"a"] * 3, b"")
+            end = lw.append([b"b"] * 3, b"")
+        assert first < end
+        with backend.reader(START) as r:
+            got: list[Any] = []
+            while len(got) < 6:
+                got.extend(r.read(16, timeout=1))
+        real = backend._end_consumer
+        # "Empty" for a ledger this process has read six entries of: asked again until
+        # the operation timeout, then refused, never answered with START.
+        backend._end_consumer = stale = _StaleEndConsumer(pulsar.MessageId.earliest)
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="before"):
+            backend.end()
+        assert stale.calls > 1 and time.monotonic() - started < 5
+        # An answer before one already seen is not taken either.
+        backend._end_consumer = _StaleEndConsumer(
+            pulsar.MessageId(ledger_id=first.major, entry_id=first.minor - 2)
+        )
+        with pytest.raises(BackendError):
+            backend.end()
+        # The broker's real answer is taken again.
+        backend._end_consumer = real
+        assert backend.end() == end
     finally:
         backend.close()
 

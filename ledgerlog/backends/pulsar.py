@@ -412,6 +412,9 @@ class PulsarBackend(Backend):
         self._client = self._new_client()
         self._lock = threading.Lock()
         self._end_consumer: Any = None
+        # The furthest end this process has seen (from end() or read back): end() never
+        # answers less (see end()).
+        self._end_floor = START
         self._lease_watch: _LeaseWatch | None = None
         self._lease_producer: Any = None
         self._writers: weakref.WeakSet[PulsarLogWriter] = weakref.WeakSet()
@@ -471,7 +474,33 @@ class PulsarBackend(Backend):
         return PulsarLogReader(self, start)
 
     def end(self) -> Position:
+        """The ledger topic's end, never before one this process has already seen.
+
+        Around a broker restart, ``get_last_message_id`` was seen answering "empty"
+        (ledger id -1, what an empty topic gets) for a ledger this process had read
+        hundreds of entries of; ``sync()`` then returned at once and a read after it
+        missed a commit made seconds before (``ledgerlog check``, seed 981386). An answer
+        before what was seen is asked again until the operation timeout, then refused."""
         self._check_open()
+        deadline = time.monotonic() + self.operation_timeout
+        delay = 0.05
+        while True:
+            end = self._ask_end()
+            with self._lock:
+                floor = self._end_floor
+                if end >= floor:
+                    self._end_floor = end
+                    return end
+            if time.monotonic() + delay > deadline:
+                raise BackendError(
+                    f"end of {self.topic}: the broker answered {end}, before {floor} "
+                    "already read here"
+                )
+            self._log.warning("end of the ledger went backwards; asking again", end=str(end))
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _ask_end(self) -> Position:
         try:
             with self._lock:
                 if self._end_consumer is None:
@@ -490,6 +519,13 @@ class PulsarBackend(Backend):
         if ledger_id < 0:
             return START
         return _next_position(ledger_id, entry_id)
+
+    def _saw(self, position: Position) -> None:
+        """A reader of this process read up to `position`: the end is at least there."""
+        if position > self._end_floor:
+            with self._lock:
+                if position > self._end_floor:
+                    self._end_floor = position
 
     def campaign(self, writer_id: str, timeout: float | None = None) -> PulsarLogWriter:
         """Stand by until this process holds the ledger's exclusive producer.
@@ -806,6 +842,8 @@ class PulsarLogReader(LogReader):
                 out.append(Entry(Position(ledger_id, entry_id), nxt, data))
                 self._position = nxt
             msg = self._next(0) if len(out) < max_entries else None
+        if out:
+            self.backend._saw(self._position)
         return out
 
     def close(self) -> None:
