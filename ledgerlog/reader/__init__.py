@@ -252,10 +252,12 @@ class Reader:
     def poll(self, timeout: float = 0.0, max_entries: int = 1024) -> list[EntryResult]:
         """Read, validate and apply what is available (waiting up to `timeout`)."""
         results: list[EntryResult] = []
-        self._poll(timeout, max_entries, results)
+        self._poll(timeout, max_entries, keep=results)
         return results
 
-    def _poll(self, timeout: float, max_entries: int, keep: list[EntryResult] | None) -> int:
+    def _poll(
+        self, timeout: float, max_entries: int = 1024, *, keep: list[EntryResult] | None = None
+    ) -> int:
         """:meth:`poll`, adding the results to `keep` if given (the reader's own thread
         keeps none: a long poll's results would hold every transaction it decoded);
         returns the number of entries read."""
@@ -314,7 +316,7 @@ class Reader:
         Validator snapshots only where `snapshot` (at a poll's end): exporting the state
         takes ~0.2 s at 10^5 keys, and a catch-up's steps are seconds apart."""
         try:
-            self._apply(applied, position, snapshot)
+            self._apply(applied, position, may_snapshot=snapshot)
         except Exception as exc:
             # The validator state has moved past this batch but (some) views have not:
             # going on would skip it in them. Stop for good; a new Reader resumes from
@@ -340,7 +342,7 @@ class Reader:
                     )
 
     def _apply(
-        self, applied: list[tuple[int, object]], position: Position, may_snapshot: bool = True
+        self, applied: list[tuple[int, object]], position: Position, *, may_snapshot: bool
     ) -> None:
         if not self.views:
             return
@@ -489,7 +491,7 @@ class Reader:
                 if self._thread is None:
                     self._lock.release()
                     try:
-                        self._poll(min(remaining or 0.05, 0.05), 1024, None)
+                        self._poll(min(remaining or 0.05, 0.05))
                     finally:
                         self._lock.acquire()
                 else:
@@ -512,7 +514,7 @@ class Reader:
                 if self._thread is not None:
                     self._lock.wait(0.05)
                     continue
-            self._poll(0.01, 1024, None)
+            self._poll(0.01)
         if self._on_caught_up:
             self._caught_up()
         return seq
@@ -540,7 +542,7 @@ class Reader:
         try:
             while not self._stop.is_set():
                 try:
-                    if not self._poll(0.05, 1024, None) and self._on_caught_up:
+                    if not self._poll(0.05) and self._on_caught_up:
                         self._caught_up()
                 except BackendError:
                     # The storage is unreachable for now; the log reader resumes where it
