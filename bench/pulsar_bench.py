@@ -312,9 +312,6 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
         "aborted": len(outcomes) - committed + conflicts,
         "latencies": latencies.tolist(),
         "scheduled_at": scheduled_at.tolist(),
-        # perf_counter is CLOCK_MONOTONIC here, one clock for every process: lines the
-        # windows up with what other processes (broker, writer) did at the time.
-        "started": t0,
     }
 
 
