@@ -274,6 +274,48 @@ def test_bank_run_on_embedded_is_valid(tmp_path: Path) -> None:
     assert any(o["f"] == "transfer" and o["type"] == "ok" for o in ops)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.slow
+def test_a_ledger_that_grows_after_the_final_seq_is_named_is_no_violation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed client's durable submission can be appended after the audit's quiet
+    period: replicas and ``ledgerlog verify`` are then compared at their own seqs."""
+    import ledgerlog
+
+    settle = LedgerAudit.settle
+    grown: list[int] = []
+
+    def settle_then_grow(audit: LedgerAudit, quiet: float = 2.0, timeout: float = 120.0) -> int:
+        seq = settle(audit, quiet, timeout)
+        with ledgerlog.open(audit.backend.url, writer=None, client_id="late") as db:
+            for i in range(3):
+                with db.transaction() as tx:
+                    tx.put(f"late/{i}", i)
+            grown.append(db.last_seq)
+        return seq
+
+    monkeypatch.setattr(LedgerAudit, "settle", settle_then_grow)
+    cfg = RunConfig(
+        url=str(tmp_path / "ledger"),
+        out_dir=tmp_path / "run",
+        clients=2,
+        threads=2,
+        seconds=2,
+        faults=(),
+        seed=5,
+        backend_options={"lease_timeout": 2.0},
+        workload_config=WorkloadConfig(pause=0.005),
+    )
+    report = run_check(cfg)
+    assert grown and grown[0] >= report.final_seq + 3
+    assert report.valid, report.format()
+    assert any(f"to {grown[0]}" in n for n in report.notes), report.notes
+    reports = [json.loads(p.read_text()) for p in (tmp_path / "run").glob("report-*.json")]
+    assert len(reports) == 2
+    assert all(r["at"] == report.final_seq and r["digest"] == report.digest for r in reports)
+
+
 def test_unknown_fault_is_refused(tmp_path: Path) -> None:
     cfg = RunConfig(url=str(tmp_path / "l"), out_dir=tmp_path / "r", faults=("proxy",))
     with pytest.raises(ValueError, match="needs a server or proxy"):
