@@ -211,6 +211,14 @@ def check_audit(dsn: str, last: int, committed: list[int]) -> None:
     assert not stray, f"rows written at seqs that did not commit: {sorted(stray)[:10]}"
 
 
+def test_postgres_shares_the_launching_session(local_postgres: Any) -> None:
+    """Its own process group (killpg), the launcher's session (see the Pulsar twin)."""
+    pid = local_postgres.pid
+    assert pid is not None
+    assert os.getpgid(pid) == pid != os.getpgid(0)
+    assert os.getsid(pid) == os.getsid(0)
+
+
 # -- round trip -------------------------------------------------------------------------------
 
 

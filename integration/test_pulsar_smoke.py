@@ -9,6 +9,7 @@ tests pin down what the pinned broker and client actually do, on a broker starte
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -160,6 +161,14 @@ def test_pause_and_resume(broker: LocalPulsar) -> None:
         broker.resume()
     broker.wait_ready(60)
     assert broker.is_healthy()
+
+
+def test_broker_shares_the_launching_session(broker: LocalPulsar) -> None:
+    """A process group of its own (a terminal's Ctrl-C stays with the launcher) in the
+    launcher's session: a session of its own is a CPU group of its own under the kernel's
+    autogroup scheduling, which cost the clients a core at each burst of the JVM."""
+    assert os.getpgid(broker.pid) == broker.pid != os.getpgid(0)
+    assert os.getsid(broker.pid) == os.getsid(0)
 
 
 def test_token_auth_minted_token_produces_and_anonymous_is_refused() -> None:

@@ -324,7 +324,9 @@ class LocalPostgres:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            # Its own process group (for killpg), not its own session: see LocalPulsar's
+            # launch on the kernel's autogroup scheduling.
+            process_group=0,
             # After the uid change (which would clear it): the postmaster gets SIGQUIT
             # (immediate shutdown, children included) if the launcher dies.
             preexec_fn=parent_death_signal(signal.SIGQUIT),
