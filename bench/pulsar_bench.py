@@ -31,6 +31,7 @@ from array import array
 from typing import Any
 
 from bench.common import (
+    MachineLoad,
     account_keys,
     jit_cpu_seconds,
     run_processes,
@@ -316,10 +317,23 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
 
 
 def _run_clients(
-    url: str, clients: int, mode: str, arg: float, seconds: float
+    url: str,
+    clients: int,
+    mode: str,
+    arg: float,
+    seconds: float,
+    load: MachineLoad | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
+    """Run the clients; `load`, if given, measures the machine over the go-to-results
+    window (not the clients' start-up and catch-up)."""
     argses = [(url, i, mode, arg, seconds) for i in range(clients)]
-    return run_processes(_ledger_client, argses, result_timeout=seconds + 180)
+    return run_processes(
+        _ledger_client,
+        argses,
+        result_timeout=seconds + 180,
+        on_go=load.start if load is not None else None,
+        on_done=load.stop if load is not None else None,
+    )
 
 
 def _settle_jit(
@@ -392,7 +406,9 @@ def main(
             committed = sum(r["committed"] for r in peak)
             ll_rate = committed / seconds
             target_rate = ll_rate / 2
-            paced, _ = _run_clients(url, clients, "paced", target_rate / clients, seconds)
+            # The whole tree: the clients, the writer and the broker are all children.
+            load = MachineLoad([os.getpid()])
+            paced, _ = _run_clients(url, clients, "paced", target_rate / clients, seconds, load)
     lat = sorted(x for r in paced for x in r["latencies"])
     paced_rate = sum(r["committed"] for r in paced) / seconds
     p50, p99 = 1000 * _pct(lat, 0.50), 1000 * _pct(lat, 0.99)
@@ -418,6 +434,12 @@ def main(
         f"pulsar commit latency at {paced_rate:,.0f} txn/s (~half of peak, paced): "
         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat):,} transactions measured); "
         f"p99 of each second: {' '.join(f'{w:.0f}' for w in windows)} ms"
+    )
+    cpu_us = 1e6 * load.cpu_seconds / max(1, sum(r["committed"] for r in paced))
+    print(
+        f"machine during the paced phase: {100 * load.busy:.0f}% of {os.cpu_count()} CPUs "
+        f"busy; {cpu_us:.0f} us of CPU per committed transaction (clients, writer and "
+        "broker together)"
     )
     met = ratio >= 1.0 and p99 < P99_TARGET_MS
     if max_warmup > 0:
@@ -449,6 +471,8 @@ def main(
             "p50_ms": p50,
             "p99_ms": p99,
             "window_p99_ms": windows,
+            "machine_busy": load.busy,
+            "cpu_us_per_txn": cpu_us,
         },
         "ratio": ratio,
         "met": met,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
-from bench.common import pct, window_p99
+from bench.common import MachineLoad, cpu_ticks, pct, window_p99
 
 
 def test_window_p99_splits_by_scheduled_second_across_clients() -> None:
@@ -23,3 +25,23 @@ def test_window_p99_splits_by_scheduled_second_across_clients() -> None:
 def test_pct_of_nothing_is_nan() -> None:
     assert math.isnan(pct([], 0.99))
     assert pct([1.0, 2.0, 3.0], 0.5) == 2.0
+
+
+def test_cpu_ticks_count_everything_but_idle_and_iowait_as_busy() -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat = "cpu  100 5 50 800 20 3 2 10 7 0\ncpu0 50 2 25 400 10 1 1 5 7 0\nintr 1\n"
+    busy, total = cpu_ticks(stat)
+    assert total == 100 + 5 + 50 + 800 + 20 + 3 + 2 + 10  # guest is inside user already
+    assert busy == total - 800 - 20
+
+
+def test_machine_load_measures_this_process_and_the_machine() -> None:
+    load = MachineLoad([os.getpid()])
+    load.start()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn 0.3 s of this process's CPU
+        pass
+    load.stop()
+    assert 0.25 <= load.cpu_seconds < 1.0
+    # At least this process's share of the machine was busy meanwhile.
+    assert 0.0 < load.busy <= 1.0

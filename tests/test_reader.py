@@ -274,3 +274,29 @@ def test_a_long_poll_applies_and_announces_in_steps(tmp_path: Path) -> None:
         assert sum(n for n, _, _ in view.calls[before:]) == 0
     finally:
         r.close()
+
+
+def test_a_decided_future_answers_without_taking_the_shared_condition() -> None:
+    # The futures of one watch_many share one Condition; a done-callback (or any caller
+    # of an already decided future) must not queue behind whoever holds it.
+    import threading
+
+    from ledgerlog.model import Decision, Outcome, TxnId
+    from ledgerlog.reader import _DecisionFuture, _settle_all
+
+    cond = threading.Condition()
+    fut = _DecisionFuture(cond, time.perf_counter(), None)
+    decision = Decision(7, TxnId("c", 1), Outcome.COMMITTED)
+    _settle_all([(fut, decision)], time.perf_counter())
+    got: list[Decision] = []
+    with cond:  # held elsewhere, e.g. by the reader settling the batch's other futures
+        t = threading.Thread(target=lambda: got.append(fut.result(5)))
+        t.start()
+        t.join(2)
+        assert not t.is_alive(), "result() of a decided future waited for the Condition"
+    assert got == [decision]
+
+    failed = _DecisionFuture(cond, time.perf_counter(), None)
+    failed.set_exception(ledgerlog.ClosedError("reader closed"))
+    with pytest.raises(ledgerlog.ClosedError):
+        failed.result(0)

@@ -115,6 +115,12 @@ class _DecisionFuture(Future[Decision]):
                 self._condition.wait(left)
 
     def result(self, timeout: float | None = None) -> Decision:
+        # A decided future (a done-callback's, or one waited on before) answers without
+        # holding the shared Condition twice (here and in the base class): the reader
+        # sets the result before the state, so FINISHED with no exception means it is
+        # there.
+        if self._state == FINISHED and self._exception is None:
+            return cast(Decision, self._result)
         self._settle(timeout)
         return super().result(0)
 

@@ -312,6 +312,8 @@ _REASONS: Final = (
     AbortReason.DUPLICATE,
     AbortReason.MALFORMED,
 )
+# By code, like _REASONS: a tuple index instead of two enum lookups per decision.
+_OUTCOMES: Final = (Outcome.COMMITTED,) + (Outcome.ABORTED,) * (len(_REASONS) - 1)
 
 Outcome_ = tuple[int, tuple[str, int] | None, int, str | None, int | None, str | None]
 """Compact decision: (seq, (client_id, client_seq) or None, code, conflict key, conflict
@@ -324,7 +326,7 @@ def to_decision(o: Outcome_) -> Decision:
     return Decision(
         seq,
         TxnId(*tid) if tid is not None else None,
-        Outcome.COMMITTED if code == C_COMMITTED else Outcome.ABORTED,
+        _OUTCOMES[code],
         _REASONS[code],
         key,
         wseq,
