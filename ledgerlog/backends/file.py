@@ -6,7 +6,8 @@ Layout of a ledger directory::
     segments/<n>.seg            framed entries; segment 1 heads the chain
     writer.lock                 flock'ed by the elected writer; its mtime is the lease
     election.lock               flock'ed by the one standby allowed to campaign
-    intake/<client>.<n>.q       one append-only submission file per client instance
+    intake/<client>.<n>.q       one append-only submission file per client instance,
+                                flock'ed by it while it lives
 
 **The segment chain.** Readers start at segment 1 and read frames until the first seal
 frame, which names the next segment. "First seal wins" is the whole safety argument:
@@ -654,24 +655,56 @@ class FileLogWriter(LogWriter):
 # -- intake -------------------------------------------------------------------------------
 
 
+_NEW_SUFFIX: Final = ".new"
+
+
+def _create_intake_file(intake: Path, client_id: str) -> tuple[int, str]:
+    """Open a new intake file, flock'ed, under a ``.q`` name no other file has had.
+
+    The lock, held while the client lives, tells the writer the file may still grow: the
+    writer deletes a ``.q`` file it can lock once it has consumed all of it. So the file
+    is created under a name the writer does not tail (``.<client>.<token>.new``), locked,
+    and only then linked under its ``.q`` name: created straight under that name it was
+    unlocked for an instant, empty and so "consumed", and a writer collecting intake files
+    then could delete it; the client's submissions went to the unlinked file, acknowledged
+    and never seen. A writer may still delete the ``.new`` file before it is locked (it
+    collects those a crash left behind); then the link fails and this starts over."""
+    while True:
+        tmp = intake / f".{client_id}.{secrets.token_hex(8)}{_NEW_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            while True:
+                name = f"{client_id}.{secrets.token_hex(4)}.q"
+                try:
+                    os.link(tmp, intake / name)  # unlike rename, never replaces a file
+                except FileExistsError:
+                    continue
+                break
+        except FileNotFoundError:
+            os.close(fd)  # a writer collected it before our lock: start over
+            continue
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        return fd, name
+
+
 class FileIntakeProducer(IntakeProducer):
     """A client's submission file; concurrent submits share one fdatasync."""
 
     def __init__(self, backend: FileBackend, client_id: str) -> None:
         self.backend = backend
-        intake = backend.path / "intake"
-        while True:
-            name = f"{client_id}.{secrets.token_hex(4)}.q"
-            try:
-                self._fd = os.open(
-                    intake / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644
-                )
-                break
-            except FileExistsError:
-                continue
-        # Held while the client lives: tells the writer the file may still grow.
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self.name = name
+        self._fd, self.name = _create_intake_file(backend.path / "intake", client_id)
+        if backend.fsync:
+            _fsync_dir(backend.path / "intake")
         self._commit = GroupCommit(self._write)
 
     def _write(self, frames: list[bytes]) -> None:
@@ -778,9 +811,13 @@ class FileIntakeConsumer(IntakeConsumer):
         if not self.writer.visible():
             return
         try:
-            names = [p for p in os.listdir(self.dir) if p.endswith(".q")]
+            listed = os.listdir(self.dir)
         except FileNotFoundError:
             return
+        for name in listed:
+            if name.startswith(".") and name.endswith(_NEW_SUFFIX):
+                self._collect_unborn(name)
+        names = [p for p in listed if p.endswith(".q")]
         for name in names:
             path = self.dir / name
             try:
@@ -802,6 +839,20 @@ class FileIntakeConsumer(IntakeConsumer):
                         os.close(self._fds.pop(name))
             finally:
                 os.close(fd)
+
+    def _collect_unborn(self, name: str) -> None:
+        """Delete an intake file a client left before it got its ``.q`` name (it died in
+        between), unless a client holds it (it is being born now)."""
+        try:
+            fd = os.open(self.dir / name, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            if _try_flock(fd):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / name)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         for fd in self._fds.values():
