@@ -545,17 +545,23 @@ def test_concurrent_readers_on_one_view_never_double_apply(pg_dsn: str, tmp_path
 
         def run(i: int) -> None:
             go.wait()
+            # Bounded, and daemon threads: a reader that never gets there fails the test
+            # below instead of keeping the interpreter (and CI) from exiting.
+            deadline = time.monotonic() + 80
             try:
-                while readers[i].last_seq < 300:
+                while readers[i].last_seq < 300 and time.monotonic() < deadline:
                     readers[i].poll(timeout=0.05, max_entries=3)
             except BaseException as exc:
                 errors[i] = exc
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(90)
+        assert not any(t.is_alive() for t in threads)
+        stuck = [r.last_seq for r, e in zip(readers, errors, strict=True) if e is None]
+        assert all(s == 300 for s in stuck), f"readers stopped short of seq 300: {stuck}"
         refused = [e for e in errors if e is not None]
         # Both started at seq 1: at least one was refused at its first overlapping batch,
         # with the typed error (the view's UsageError, which stops its reader), and none
