@@ -10,7 +10,7 @@ import queue
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 
@@ -198,22 +198,37 @@ class MachineLoad:
     same client did the same work with 35-52 us of CPU per transaction from one minute
     to the next (the host's speed varies), and at ~90% busy a slower minute is a backlog."""
 
-    def __init__(self, pids: Iterable[int]) -> None:
+    def __init__(
+        self, pids: Iterable[int], parts: Mapping[str, Iterable[int]] | None = None
+    ) -> None:
+        """`parts` names subtrees of `pids` (the broker, the writer) whose CPU seconds
+        ``part_seconds`` reports on their own; ``rest_seconds`` is what the others used."""
         self.pids = list(pids)
+        self.parts = {name: list(p) for name, p in (parts or {}).items()}
         self.busy = float("nan")
         self.cpu_seconds = float("nan")
+        self.part_seconds: dict[str, float] = {}
         self._ticks = (0, 0)
         self._cpu = 0.0
+        self._part_cpu: dict[str, float] = {}
 
     def start(self) -> None:
+        self._part_cpu = {name: tree_cpu_seconds(p) for name, p in self.parts.items()}
         self._cpu = tree_cpu_seconds(self.pids)
         self._ticks = cpu_ticks()
 
     def stop(self) -> None:
         busy, total = cpu_ticks()
         self.cpu_seconds = tree_cpu_seconds(self.pids) - self._cpu
+        self.part_seconds = {
+            name: tree_cpu_seconds(p) - self._part_cpu[name] for name, p in self.parts.items()
+        }
         elapsed = total - self._ticks[1]
         self.busy = (busy - self._ticks[0]) / elapsed if elapsed > 0 else float("nan")
+
+    @property
+    def rest_seconds(self) -> float:
+        return self.cpu_seconds - sum(self.part_seconds.values())
 
 
 def load_average() -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import time
 
 from bench.common import MachineLoad, cpu_ticks, pct, window_p99
+from bench.pulsar_bench import _cpu_per_txn, _describe_cost
 
 
 def test_window_p99_splits_by_scheduled_second_across_clients() -> None:
@@ -45,3 +48,33 @@ def test_machine_load_measures_this_process_and_the_machine() -> None:
     assert 0.25 <= load.cpu_seconds < 1.0
     # At least this process's share of the machine was busy meanwhile.
     assert 0.0 < load.busy <= 1.0
+
+
+def test_machine_load_reports_named_parts_apart_from_the_rest() -> None:
+    # A child that burns 0.4 s of CPU, then waits to be killed (alive when measured).
+    burn = "import time\nt = time.process_time() + 0.4\nwhile time.process_time() < t: pass\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", burn + "print('done', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        load = MachineLoad([os.getpid()], {"child": [child.pid]})
+        load.start()
+        assert child.stdout is not None and child.stdout.readline().strip() == b"done"
+        load.stop()
+    finally:
+        child.kill()
+        child.wait()
+    assert 0.3 <= load.part_seconds["child"] < 1.5
+    # This process mostly waited: the rest is far below the child's share.
+    assert -1e-9 <= load.rest_seconds < load.part_seconds["child"] / 2
+    assert math.isclose(load.cpu_seconds, load.part_seconds["child"] + load.rest_seconds)
+
+
+def test_cpu_per_txn_splits_the_parts_and_the_clients() -> None:
+    load = MachineLoad([])
+    load.cpu_seconds = 1.5
+    load.part_seconds = {"broker": 0.5, "writer": 0.25}
+    cost = _cpu_per_txn(load, 10_000)
+    assert cost == {"broker": 50.0, "writer": 25.0, "clients": 75.0, "total": 150.0}
+    assert _describe_cost(cost) == "150 us (broker 50, writer 25, clients 75)"
