@@ -19,15 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import quiet, run_processes, writer_process
+from bench.common import account_keys, quiet, run_processes, two_accounts, writer_process
 
 ACCOUNTS = 100_000
 BALANCE = 1_000
 TARGET = 20_000
-
-
-def _acct(i: int) -> str:
-    return f"acct:{i:06d}"
+KEYS = account_keys(ACCOUNTS)
 
 
 def _ledger_client(path: str, idx: int, seconds: float, batch: int, go: Any, q: Any) -> None:
@@ -48,16 +45,17 @@ def _ledger_client(path: str, idx: int, seconds: float, batch: int, go: Any, q: 
             txs = []
             for _ in range(batch):
                 tx = db.transaction()
-                a, b = rnd.sample(range(ACCOUNTS), 2)
+                a, b = two_accounts(rnd, ACCOUNTS)
+                ka, kb = KEYS[a], KEYS[b]
                 try:
-                    x = tx.get(_acct(a), 0)
-                    y = tx.get(_acct(b), 0)
+                    x = tx.get(ka, 0)
+                    y = tx.get(kb, 0)
                 except ledgerlog.ConflictError:
                     aborted += 1
                     continue
                 amount = rnd.randint(1, 10)
-                tx.put(_acct(a), x - amount)
-                tx.put(_acct(b), y + amount)
+                tx.put(ka, x - amount)
+                tx.put(kb, y + amount)
                 txs.append(tx)
             pending.append((time.perf_counter(), db.submit_many(txs)))
             continue
@@ -92,7 +90,7 @@ def _run_ledgerlog(path: str, clients: int, seconds: float, batch: int) -> dict[
     for lo in range(0, ACCOUNTS, chunk):
         tx = db.transaction()
         for i in range(lo, min(lo + chunk, ACCOUNTS)):
-            tx.put(_acct(i), BALANCE)
+            tx.put(KEYS[i], BALANCE)
         tx.commit(60)
     db.close()
     argses = [(path, i, seconds, batch) for i in range(clients)]
@@ -122,7 +120,7 @@ def _sqlite_client(path: str, idx: int, seconds: float, go: Any, q: Any) -> None
     committed = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        a, b = rnd.sample(range(ACCOUNTS), 2)
+        a, b = two_accounts(rnd, ACCOUNTS)
         amount = rnd.randint(1, 10)
         con.execute("BEGIN IMMEDIATE")
         (x,) = con.execute("SELECT balance FROM acct WHERE id=?", (a,)).fetchone()
