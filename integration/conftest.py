@@ -109,6 +109,22 @@ def local_pulsar() -> Iterator[LocalPulsar]:
         server.stop()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[pytest.TestReport]:
+    """A failed test that used the session's broker reports the tail of the broker's log
+    with it: the broker's data directory, log included, is gone once the session ends,
+    and a broker-side stall (a subscribe that timed out after 30 s, say) is otherwise
+    undiagnosable after the fact."""
+    report: pytest.TestReport = yield
+    if report.when == "call" and report.failed:
+        server = getattr(item, "funcargs", {}).get("local_pulsar")
+        if isinstance(server, LocalPulsar):
+            report.sections.append(("broker log (last 80 lines)", server.log_tail(80)))
+    return report
+
+
 # -- testcontainers --------------------------------------------------------------------------
 
 
