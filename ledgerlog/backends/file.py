@@ -2,7 +2,8 @@
 
 Layout of a ledger directory::
 
-    LEDGER                      marker with the format version
+    LEDGER                      marker with the format version, written last on creation
+    .create.lock                flock'ed by a process creating the ledger
     segments/<n>.seg            framed entries; segment 1 heads the chain
     writer.lock                 flock'ed by the elected writer; its mtime is the lease
     election.lock               flock'ed by the one standby allowed to campaign
@@ -97,6 +98,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_CREATE_LOCK: Final = ".create.lock"
+
+
+def _is_unborn_ledger(path: Path) -> bool:
+    """Whether ``path`` holds nothing but a ledger being created (or whose creator died).
+
+    Any other content means the directory is someone else's, and it is left alone.
+    """
+    for entry in path.iterdir():
+        if entry.name in ("segments", "intake"):
+            if not entry.is_dir() or any(entry.iterdir()):
+                return False
+        elif entry.name != _CREATE_LOCK and not entry.name.startswith(".LEDGER."):
+            return False
+    return True
+
+
+def _create_ledger(path: Path, *, fsync: bool) -> None:
+    """Create the ledger at ``path`` unless another process has (or does so meanwhile).
+
+    Processes opening a new ledger at the same moment (a writer and its standby, say)
+    serialize on a lock file inside it; without that, one saw the other's half-made
+    directory and refused it as "not a ledgerlog ledger". The marker is written last,
+    so a directory holding only the other parts is a creation that has not finished:
+    the next creator completes it.
+    """
+    if path.exists() and not (path.is_dir() and _is_unborn_ledger(path)):
+        # Another process may have finished the ledger (and started using it) since the
+        # caller looked: nothing is put in a ledger before its marker.
+        if (path / "LEDGER").exists():
+            return
+        # Refused before the lock file is made: someone else's directory is left as it was.
+        raise ConfigError(f"{path} exists and is not a ledgerlog ledger")
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / _CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        marker = path / "LEDGER"
+        if marker.exists():
+            return
+        if not _is_unborn_ledger(path):
+            raise ConfigError(f"{path} exists and is not a ledgerlog ledger")
+        for sub in ("segments", "intake"):
+            (path / sub).mkdir(exist_ok=True)
+        tmp = path / f".LEDGER.{os.getpid()}.{secrets.token_hex(4)}"
+        with tmp.open("w") as f:
+            f.write(LEDGER_FORMAT + "\n")
+            if fsync:  # else a crash could leave an empty marker under its final name
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        for stale in path.glob(".LEDGER.*"):  # left by a creator that died
+            stale.unlink(missing_ok=True)
+        if fsync:
+            _fsync_dir(path)
+    finally:
+        os.close(fd)
+
+
 def check_client_id(client_id: str) -> str:
     if not isinstance(client_id, str) or not _CLIENT_RE.match(client_id):
         raise ConfigError(
@@ -129,20 +189,13 @@ class FileBackend(Backend):
         self.lease_timeout = lease_timeout
         marker = self.path / "LEDGER"
         if not marker.exists():
-            if not create:
-                if self.path.is_dir() and any(self.path.iterdir()):
-                    raise ConfigError(f"{self.path} is not a ledgerlog ledger")
+            if create:
+                _create_ledger(self.path, fsync=fsync)
+            elif not self.path.is_dir() or _is_unborn_ledger(self.path):
                 raise LedgerNotFoundError(f"no ledger at {self.path}")
-            if self.path.exists() and any(self.path.iterdir()):
-                raise ConfigError(f"{self.path} exists and is not a ledgerlog ledger")
-            for sub in ("segments", "intake"):
-                (self.path / sub).mkdir(parents=True, exist_ok=True)
-            tmp = self.path / f".LEDGER.{os.getpid()}.{secrets.token_hex(4)}"
-            tmp.write_text(LEDGER_FORMAT + "\n")
-            os.replace(tmp, marker)
-            if fsync:
-                _fsync_dir(self.path)
-        elif marker.read_text().strip() != LEDGER_FORMAT:
+            elif not marker.exists():  # not made by a creator since the first look
+                raise ConfigError(f"{self.path} is not a ledgerlog ledger")
+        if marker.read_text().strip() != LEDGER_FORMAT:
             raise ConfigError(f"{self.path}: unsupported ledger format {marker.read_text()!r}")
         self._end_cursor: _ChainCursor | None = None
         self._closed = False
