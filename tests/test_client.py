@@ -783,6 +783,42 @@ def test_client_freezes_the_gc_once_caught_up_unless_told_not_to(tmp_path: Path,
     assert gen0 == (GEN0_THRESHOLD if mode == "on" else 700)
 
 
+_THRESHOLD_SCRIPT = textwrap.dedent(
+    """
+    import gc, sys
+    from ledgerlog.backends.file import FileBackend
+    from ledgerlog.client import Client
+
+    backend = FileBackend(sys.argv[1], fsync=False)
+    # Not started: its replica has read nothing yet.
+    client = Client(backend, client_id="gc", writer=None, start=False,
+                    freeze_gc=sys.argv[2] == "on")
+    print(gc.get_threshold()[0], gc.get_freeze_count())
+    client.close()
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_client_raises_the_gc_threshold_before_its_replica_catches_up(
+    tmp_path: Path, mode: str
+) -> None:
+    # A catch-up decodes the ledger with the threshold already raised (it ran full
+    # collections every ~250 ms with the default); the freeze waits for the catch-up.
+    out = subprocess.run(
+        [sys.executable, "-c", _THRESHOLD_SCRIPT, str(tmp_path / "ledger"), mode],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    gen0, frozen = map(int, out.stdout.split())
+    assert gen0 == (GEN0_THRESHOLD if mode == "on" else 700)
+    assert frozen == 0
+
+
 @pytest.mark.timeout(60)
 def test_client_keeps_a_gc_threshold_the_application_set(tmp_path: Path) -> None:
     before, after, gen0 = _run_freeze_script(tmp_path, "on", "5000")
