@@ -284,8 +284,8 @@ def default_gc_flags(version: int) -> list[str]:
     broker for 20-55 ms every 10-15 s (young collections and remarks, from ``-Xlog:gc``):
     every commit in flight then waited that long, which is commit-latency p99. ZGC's
     pauses measured under 0.1 ms on the same load. The perf counters are a file the
-    JVM writes to from safepoints, which a busy disk (the bookie journal's fsyncs)
-    can stall."""
+    JVM writes to at safepoints, a known cause of stalls when the disk is busy (here:
+    the bookie journal's fsyncs); that one was not measured here."""
     flags = ["-XX:+UseZGC"]
     if version in (21, 22):
         flags.append("-XX:+ZGenerational")
