@@ -115,6 +115,18 @@ def _is_unborn_ledger(path: Path) -> bool:
     return True
 
 
+def _ledger_made(path: Path) -> bool:
+    """True if a ledger is at the existing `path`, False if it holds nothing but one
+    being created; anything else is refused with :class:`ConfigError`."""
+    if path.is_dir() and _is_unborn_ledger(path):
+        return False
+    # Another process may have finished the ledger (and started using it) since the
+    # look above: nothing is put in a ledger before its marker.
+    if (path / "LEDGER").exists():
+        return True
+    raise ConfigError(f"{path} exists and is not a ledgerlog ledger")
+
+
 def _create_ledger(path: Path, *, fsync: bool) -> None:
     """Create the ledger at ``path`` unless another process has (or does so meanwhile).
 
@@ -124,22 +136,15 @@ def _create_ledger(path: Path, *, fsync: bool) -> None:
     so a directory holding only the other parts is a creation that has not finished:
     the next creator completes it.
     """
-    if path.exists() and not (path.is_dir() and _is_unborn_ledger(path)):
-        # Another process may have finished the ledger (and started using it) since the
-        # caller looked: nothing is put in a ledger before its marker.
-        if (path / "LEDGER").exists():
-            return
-        # Refused before the lock file is made: someone else's directory is left as it was.
-        raise ConfigError(f"{path} exists and is not a ledgerlog ledger")
+    # Refused before the lock file is made: someone else's directory is left as it was.
+    if path.exists() and _ledger_made(path):
+        return
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / _CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        marker = path / "LEDGER"
-        if marker.exists():
+        if _ledger_made(path):
             return
-        if not _is_unborn_ledger(path):
-            raise ConfigError(f"{path} exists and is not a ledgerlog ledger")
         for sub in ("segments", "intake"):
             (path / sub).mkdir(exist_ok=True)
         tmp = path / f".LEDGER.{os.getpid()}.{secrets.token_hex(4)}"
@@ -148,7 +153,7 @@ def _create_ledger(path: Path, *, fsync: bool) -> None:
             if fsync:  # else a crash could leave an empty marker under its final name
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, marker)
+        os.replace(tmp, path / "LEDGER")
         for stale in path.glob(".LEDGER.*"):  # left by a creator that died
             stale.unlink(missing_ok=True)
         if fsync:
