@@ -758,17 +758,23 @@ _FREEZE_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_freeze_script(tmp_path: Path, *args: str) -> tuple[int, int, int]:
-    """Freeze count before and after, and the first-generation threshold at the end."""
+def _run_gc_script(script: str, tmp_path: Path, *args: str) -> list[int]:
+    """The integers `script` prints, run in a process of its own on a ledger in
+    `tmp_path` (gc.freeze() and the GC thresholds are process-wide)."""
     out = subprocess.run(
-        [sys.executable, "-c", _FREEZE_SCRIPT, str(tmp_path / "ledger"), *args],
+        [sys.executable, "-c", script, str(tmp_path / "ledger"), *args],
         capture_output=True,
         text=True,
         timeout=40,
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    before, after, gen0 = map(int, out.stdout.split())
+    return [int(x) for x in out.stdout.split()]
+
+
+def _run_freeze_script(tmp_path: Path, *args: str) -> tuple[int, int, int]:
+    """Freeze count before and after, and the first-generation threshold at the end."""
+    before, after, gen0 = _run_gc_script(_FREEZE_SCRIPT, tmp_path, *args)
     return before, after, gen0
 
 
@@ -806,15 +812,7 @@ def test_client_raises_the_gc_threshold_before_its_replica_catches_up(
 ) -> None:
     # A catch-up decodes the ledger with the threshold already raised (it ran full
     # collections every ~250 ms with the default); the freeze waits for the catch-up.
-    out = subprocess.run(
-        [sys.executable, "-c", _THRESHOLD_SCRIPT, str(tmp_path / "ledger"), mode],
-        capture_output=True,
-        text=True,
-        timeout=40,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    gen0, frozen = map(int, out.stdout.split())
+    gen0, frozen = _run_gc_script(_THRESHOLD_SCRIPT, tmp_path, mode)
     assert gen0 == (GEN0_THRESHOLD if mode == "on" else 700)
     assert frozen == 0
 
