@@ -242,6 +242,13 @@ def _peak(db: Any, rnd: random.Random, batch: float, seconds: float) -> dict[str
     return {"committed": committed, "aborted": aborted, "tx_size": statistics.mean(sizes)}
 
 
+def _due_times(t0: float, rate: float, submitted: int, now: float) -> list[float]:
+    """When each transaction not yet submitted fell due by `now`: the n-th (from 1) at
+    ``t0 + n / rate``. (Stamping it ``(n - 1) / rate`` added one whole interval to every
+    measured latency: 40 ms at 25 txn/s, 0.2 ms at the paced benchmark's rate.)"""
+    return [t0 + n / rate for n in range(submitted + 1, int((now - t0) * rate) + 1)]
+
+
 def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str, Any]:
     import ledgerlog
 
@@ -284,16 +291,16 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
         now = clock()
         if now - t0 >= seconds:
             break
-        due = int((now - t0) * rate) - submitted
-        if due > 0:
+        due = _due_times(t0, rate, submitted, now)
+        if due:
             txs, scheduled = [], []
-            for i in range(due):
+            for at in due:
                 try:
                     txs.append(_transfer(db, rnd))
-                    scheduled.append(t0 + (submitted + i) / rate)
+                    scheduled.append(at)
                 except ledgerlog.ConflictError:
                     conflicts += 1
-            submitted += due
+            submitted += len(due)
             expected += len(txs)
             for f, at in zip(db.submit_many(txs), scheduled, strict=True):
                 f.add_done_callback(lambda f, at=at: decided(f, at))

@@ -9,7 +9,7 @@ import sys
 import time
 
 from bench.common import MachineLoad, cpu_ticks, pct, window_p99
-from bench.pulsar_bench import _cpu_per_txn, _describe_cost
+from bench.pulsar_bench import _cpu_per_txn, _describe_cost, _due_times
 
 
 def test_window_p99_splits_by_scheduled_second_across_clients() -> None:
@@ -78,3 +78,15 @@ def test_cpu_per_txn_splits_the_parts_and_the_clients() -> None:
     cost = _cpu_per_txn(load, 10_000)
     assert cost == {"broker": 50.0, "writer": 25.0, "clients": 75.0, "total": 150.0}
     assert _describe_cost(cost) == "150 us (broker 50, writer 25, clients 75)"
+
+
+def test_paced_transactions_are_stamped_when_they_fall_due() -> None:
+    # 25 txn/s from t0 = 100: the first falls due at 100.04, not at 100 (stamping it
+    # earlier added 40 ms to every latency measured at that rate).
+    assert _due_times(100.0, 25.0, 0, 100.039) == []
+    first = _due_times(100.0, 25.0, 0, 100.05)
+    assert len(first) == 1 and math.isclose(first[0], 100.04)
+    # After two submitted, by 100.2 the 3rd..5th are due, each one interval apart.
+    later = _due_times(100.0, 25.0, 2, 100.2)
+    assert [round(x, 6) for x in later] == [100.12, 100.16, 100.2]
+    assert _due_times(100.0, 25.0, 5, 100.2) == []
