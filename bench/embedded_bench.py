@@ -10,6 +10,7 @@ from the same number of processes — what a one-machine user would pick instead
 
 from __future__ import annotations
 
+import argparse
 import random
 import shutil
 import sqlite3
@@ -182,4 +183,8 @@ def main(clients: int = 2, seconds: float = 10.0) -> dict[str, dict[str, float]]
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(prog="python -m bench.embedded_bench", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="each measured phase")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    args = parser.parse_args()
+    main(args.clients, args.seconds)

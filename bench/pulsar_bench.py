@@ -21,6 +21,7 @@ commit p99 under 50 ms at half load.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 import random
@@ -510,4 +511,12 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(prog="python -m bench.pulsar_bench", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="each measured phase")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--batch", type=int, default=256, help="submit_many size at peak")
+    parser.add_argument(
+        "--max-warmup", type=float, default=MAX_WARMUP, help="cap on the JIT warm-up rounds"
+    )
+    args = parser.parse_args()
+    main(args.clients, args.seconds, args.batch, max_warmup=args.max_warmup)

@@ -14,6 +14,7 @@ machine the wall clock also counts time spent waiting for the CPU.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import random
 import time
@@ -129,4 +130,7 @@ def main(n: int = 300_000) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(prog="python -m bench.validator_bench", description=__doc__)
+    parser.add_argument("-n", type=int, default=300_000, help="transactions validated")
+    args = parser.parse_args()
+    main(args.n)

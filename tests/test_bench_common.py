@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bench.common import MachineLoad, cpu_ticks, pct, window_p99
 from bench.pulsar_bench import _cpu_per_txn, _describe_cost, _due_times
 
@@ -90,3 +92,25 @@ def test_paced_transactions_are_stamped_when_they_fall_due() -> None:
     later = _due_times(100.0, 25.0, 2, 100.2)
     assert [round(x, 6) for x in later] == [100.12, 100.16, 100.2]
     assert _due_times(100.0, 25.0, 5, 100.2) == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "bench.pulsar_bench",
+        "bench.embedded_bench",
+        "bench.validator_bench",
+        "bench.bookkeeper_bench",
+    ],
+)
+def test_each_benchmark_module_answers_help_without_running(module: str) -> None:
+    # `--help` once started the whole benchmark (minutes, a broker) in three of them.
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert f"usage: python -m {module}" in out.stdout
+    assert "--" in out.stdout.split("usage:", 1)[1]
