@@ -7,6 +7,7 @@ the bookie before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -305,3 +306,47 @@ def test_paused_zookeeper_is_a_typed_error_then_the_ledger_goes_on(local_bookkee
         w.stop()
         a.close()
         c.close()
+
+
+@pytest.mark.timeout(300)
+def test_end_does_not_go_back_when_every_bookie_restarts(local_bookkeeper: Any) -> None:
+    # The tail ledger is still open (its writer lives on): end() is read from the
+    # bookies' last-add-confirmed, which they must still report after a restart of the
+    # whole ensemble - a reader that had reached end() must not find the ledger shorter.
+    name = f"restart-{uuid.uuid4().hex[:8]}"
+    a, b = open_bk(local_bookkeeper, name), open_bk(local_bookkeeper, name)
+    stopped: list[int] = []
+    lw = a.campaign("w", timeout=30)
+    try:
+        n = 30
+        for i in range(n):
+            lw.append([f"r{i}".encode()], SequencerState().to_bytes())
+        before = b.end()
+        assert before > START
+        for i in range(len(local_bookkeeper.bookie_ids)):
+            local_bookkeeper.stop_bookie(i)
+            stopped.append(i)
+        while stopped:
+            local_bookkeeper.restart_bookie(stopped[0])
+            stopped.pop(0)
+        d = open_bk(local_bookkeeper, name)
+        try:
+            after = d.end()
+            assert after >= before, f"end() went back from {before} to {after}"
+            reader = d.reader(START)
+            got: list[bytes] = []
+            deadline = time.monotonic() + 30
+            while reader.position < before and time.monotonic() < deadline:
+                got.extend(e.data for e in reader.read(timeout=0.5))
+            reader.close()
+            assert reader.position >= before
+            assert [x for x in got if x.startswith(b"r")] == [f"r{i}".encode() for i in range(n)]
+        finally:
+            d.close()
+    finally:
+        for i in stopped:
+            local_bookkeeper.restart_bookie(i)
+        with contextlib.suppress(Exception):
+            lw.close()
+        a.close()
+        b.close()
