@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -330,3 +331,45 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0
     for command in ("demo", "verify", "inspect", "tail", "writer"):
         assert command in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_writer_stops_gracefully_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    ledger = tmp_path / "ledger"
+
+    def start_writer(name: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ledgerlog", "writer", str(ledger), "--writer-id", name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    first = start_writer("first")
+    db = None
+    try:
+        db = ledgerlog.open(ledger, writer=None, client_id="c", timeout=20)
+        db.wait_writer(20)
+        with db.transaction() as tx:
+            tx.put("k", 1)
+        first.send_signal(sig)
+        _, err = first.communicate(timeout=20)
+        # Before: SIGTERM killed it outright (status -15, nothing said).
+        assert first.returncode == 0, err
+        assert f"{sig.name}: letting appends in flight land" in err
+        assert "writer first stopped" in err
+        # Its term was handed back: another writer serves the same ledger.
+        second = start_writer("second")
+        try:
+            with db.transaction() as tx:
+                tx.put("k", tx.get("k") + 1)
+            assert db.get("k") == 2
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(20) == 0
+    finally:
+        if db is not None:
+            db.close()
+        if first.poll() is None:
+            first.kill()
+            first.wait()

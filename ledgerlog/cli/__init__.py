@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -30,6 +32,10 @@ def _configure_logging(verbose: int) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
     )
+
+
+#: Signals on which ``ledgerlog writer`` stops gracefully.
+_STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
 
 
 def _backend(target: str, create: bool = False) -> Backend:
@@ -240,10 +246,30 @@ def writer(ledger: str, writer_id: str | None) -> None:
     backend = _backend(ledger, create=True)
     w = Writer(backend, writer_id or default_client_id())
     click.echo(f"writer {w.writer_id} standing by for {backend.url}", err=True)
+    stopping: list[int] = []
+
+    def stop_gracefully(signum: int, _frame: object) -> None:
+        # A service manager stops a daemon with SIGTERM: without this the process died
+        # at once (status -15), its appends in flight unretired and its term not handed
+        # back. A second signal means "now".
+        if stopping:
+            os._exit(128 + signum)
+        stopping.append(signum)
+        click.echo(
+            f"writer {w.writer_id}: {signal.Signals(signum).name}: letting appends in flight "
+            "land, then resigning (send it again to stop at once)",
+            err=True,
+        )
+        w.stop()
+
+    previous = {sig: signal.signal(sig, stop_gracefully) for sig in _STOP_SIGNALS}
     try:
         w.run()
-    except KeyboardInterrupt:
-        w.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        backend.close()
+    click.echo(f"writer {w.writer_id} stopped", err=True)
 
 
 @cli.group()
