@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -262,7 +263,9 @@ def writer(ledger: str, writer_id: str | None) -> None:
         )
         w.stop()
 
-    previous = {sig: signal.signal(sig, stop_gracefully) for sig in _STOP_SIGNALS}
+    # Handlers can only be set from the main thread (``main()`` may run in another).
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, stop_gracefully) for sig in _STOP_SIGNALS if on_main}
     try:
         w.run()
     finally:
