@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -231,6 +234,67 @@ class MachineLoad:
         return self.cpu_seconds - sum(self.part_seconds.values())
 
 
+class FsyncProbe:
+    """A thread writing 4 KB to a file in `directory` and ``fdatasync``-ing it every
+    `interval` seconds, timing each sync, while it runs (:meth:`start` to :meth:`stop`).
+
+    Put beside a server's journal it shows what the disk did meanwhile: a flush by
+    anyone else on the same filesystem (ext4 commits its journal as a whole) makes every
+    fsync there wait, the server's included, so a slow second of commit latency can be
+    told apart from a slow second of the disk. It adds one small synced write per
+    `interval` to the disk it measures."""
+
+    SIZE = 4096
+
+    def __init__(self, directory: str | os.PathLike[str], interval: float = 0.01) -> None:
+        self.path = Path(directory) / f"fsync-probe-{os.getpid()}"
+        self.interval = interval
+        #: (seconds since start, seconds the fdatasync took), in order.
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.samples = []
+        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _run(self) -> None:
+        block = b"\0" * self.SIZE
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            started = time.perf_counter()
+            n = 0
+            while not self._stop.is_set():
+                # Cycle over 256 blocks so the file stays small and every sync has data.
+                os.pwrite(fd, block, (n % 256) * self.SIZE)
+                n += 1
+                t = time.perf_counter()
+                os.fdatasync(fd)
+                self.samples.append((t - started, time.perf_counter() - t))
+                self._stop.wait(self.interval)
+        finally:
+            os.close(fd)
+
+    def window_max(self, first: int, last: int, width: float = 1.0) -> list[float]:
+        """The slowest sync in ms of each `width`-second window `first`..`last` (as
+        :func:`window_p99` numbers them); nan where a window has none."""
+        worst: dict[int, float] = {}
+        for at, took in self.samples:
+            k = int(at // width)
+            worst[k] = max(worst.get(k, 0.0), took)
+        return [1000 * worst[k] if k in worst else float("nan") for k in range(first, last + 1)]
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, to print beside figures (others share the machine)."""
     with open("/proc/loadavg") as f:
@@ -242,8 +306,6 @@ def jit_cpu_seconds(pid: int) -> float | None:
     them ``C1 CompilerThre...``/``C2 CompilerThre...``), or None where ``/proc`` does not
     show threads. A freshly started broker keeps compiling under load for a minute or
     more; benchmarks warm up until this stops growing."""
-    import os
-
     task_dir = f"/proc/{pid}/task"
     try:
         tids = os.listdir(task_dir)

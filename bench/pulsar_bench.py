@@ -32,6 +32,7 @@ from array import array
 from typing import Any
 
 from bench.common import (
+    FsyncProbe,
     MachineLoad,
     account_keys,
     jit_cpu_seconds,
@@ -57,6 +58,8 @@ PEAK_BATCHES_IN_FLIGHT = 4
 #: than this share of one core during a round (or MAX_WARMUP seconds have passed).
 JIT_SETTLED = 0.05
 WARMUP_ROUND = 5.0
+#: Seconds at the start of each paced run not measured (the first window is this one).
+PACED_WARMUP = 1.0
 MAX_WARMUP = 150.0
 KEYS = account_keys(ACCOUNTS)
 
@@ -267,7 +270,7 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
     scheduled_at = array("d")
     outcomes = array("b")
     errors: list[BaseException] = []
-    warmup = 1.0
+    warmup = PACED_WARMUP
     t0 = time.perf_counter()
     measure_from = t0 + warmup
     submitted = 0
@@ -331,16 +334,23 @@ def _run_clients(
     arg: float,
     seconds: float,
     load: MachineLoad | None = None,
+    disk: FsyncProbe | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Run the clients; `load`, if given, measures the machine over the go-to-results
-    window (not the clients' start-up and catch-up)."""
+    """Run the clients; `load` and `disk`, if given, measure the machine and the disk
+    over the go-to-results window (not the clients' start-up and catch-up)."""
+    meters = [m for m in (load, disk) if m is not None]
+
+    def start() -> None:
+        for m in meters:
+            m.start()
+
+    def stop() -> None:
+        for m in meters:
+            m.stop()
+
     argses = [(url, i, mode, arg, seconds) for i in range(clients)]
     return run_processes(
-        _ledger_client,
-        argses,
-        result_timeout=seconds + 180,
-        on_go=load.start if load is not None else None,
-        on_done=load.stop if load is not None else None,
+        _ledger_client, argses, result_timeout=seconds + 180, on_go=start, on_done=stop
     )
 
 
@@ -434,7 +444,11 @@ def main(
             ll_rate = committed / seconds
             target_rate = ll_rate / 2
             load = MachineLoad([os.getpid()], parts)
-            paced, _ = _run_clients(url, clients, "paced", target_rate / clients, seconds, load)
+            # Beside the bookie's journal (same directory tree, same filesystem).
+            disk = FsyncProbe(broker.data_dir)
+            paced, _ = _run_clients(
+                url, clients, "paced", target_rate / clients, seconds, load, disk
+            )
     lat = sorted(x for r in paced for x in r["latencies"])
     paced_rate = sum(r["committed"] for r in paced) / seconds
     p50, p99 = 1000 * _pct(lat, 0.50), 1000 * _pct(lat, 0.99)
@@ -461,6 +475,16 @@ def main(
         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat):,} transactions measured); "
         f"p99 of each second: {' '.join(f'{w:.0f}' for w in windows)} ms"
     )
+    first = int(PACED_WARMUP)
+    disk_worst = disk.window_max(first, first + len(windows) - 1)
+    syncs = sorted(took for _at, took in disk.samples)
+    if syncs:
+        print(
+            f"disk during the paced phase: a 4 KB write + fdatasync every "
+            f"{1000 * disk.interval:.0f} ms beside the broker's journal took p50 "
+            f"{1000 * _pct(syncs, 0.5):.1f} ms, max {1000 * syncs[-1]:.0f} ms; slowest of each "
+            f"second: {' '.join(f'{w:.0f}' for w in disk_worst)} ms"
+        )
     paced_cost = _cpu_per_txn(load, sum(r["committed"] for r in paced))
     peak_cost = _cpu_per_txn(peak_load, committed)
     cpu_us = paced_cost["total"]
@@ -500,6 +524,7 @@ def main(
             "p50_ms": p50,
             "p99_ms": p99,
             "window_p99_ms": windows,
+            "disk_sync_worst_ms_by_second": disk_worst,
             "machine_busy": load.busy,
             "cpu_us_per_txn": cpu_us,
             "cpu_us_per_txn_by_part": paced_cost,

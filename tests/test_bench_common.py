@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from bench.common import MachineLoad, cpu_ticks, pct, window_p99
+from bench.common import FsyncProbe, MachineLoad, cpu_ticks, pct, window_p99
 from bench.pulsar_bench import _cpu_per_txn, _describe_cost, _due_times
 
 
@@ -25,6 +26,33 @@ def test_window_p99_splits_by_scheduled_second_across_clients() -> None:
     # Half-second windows: four of them, the slow one last.
     halves = window_p99([a, b], width=0.5)
     assert len(halves) == 4 and math.isclose(halves[-1], 200.0)
+
+
+def test_fsync_probe_times_synced_writes_in_its_directory(tmp_path: Path) -> None:
+    probe = FsyncProbe(tmp_path, interval=0.005)
+    probe.start()
+    time.sleep(0.3)
+    assert probe.path.parent == tmp_path and probe.path.stat().st_size > 0
+    probe.stop()
+    assert not probe.path.exists(), "the probe's file is removed when it stops"
+    assert len(probe.samples) >= 5
+    starts = [at for at, _took in probe.samples]
+    assert starts == sorted(starts) and starts[-1] < 1.0
+    assert all(0.0 < took < 1.0 for _at, took in probe.samples)
+    # Restartable: a second run starts a fresh record.
+    probe.start()
+    time.sleep(0.05)
+    probe.stop()
+    assert 0 < len(probe.samples) < 30
+
+
+def test_fsync_probe_reports_the_slowest_sync_of_each_window() -> None:
+    probe = FsyncProbe(".")
+    probe.samples = [(0.2, 0.001), (1.1, 0.002), (1.7, 0.030), (3.5, 0.004)]
+    worst = probe.window_max(1, 3)
+    assert worst[0] == pytest.approx(30.0) and worst[2] == pytest.approx(4.0)
+    assert math.isnan(worst[1]), "a second without a sample says so"
+    assert probe.window_max(0, 0) == [pytest.approx(1.0)]
 
 
 def test_pct_of_nothing_is_nan() -> None:
