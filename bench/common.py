@@ -57,15 +57,27 @@ def pct(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def window_p99(results: Iterable[dict[str, Any]], width: float = 1.0) -> list[float]:
-    """p99 in ms of each `width`-second window of the paced runs' `scheduled_at` times
-    (all clients together): one bad second of a run shows as such, where the run's p99
-    alone cannot tell a spike from a slow run."""
+def by_window(timed: Iterable[tuple[float, float]], width: float = 1.0) -> dict[int, list[float]]:
+    """(time, value) pairs grouped by window: window k holds times in
+    [k * width, (k + 1) * width)."""
     windows: dict[int, list[float]] = {}
-    for r in results:
-        for at, took in zip(r["scheduled_at"], r["latencies"], strict=True):
-            windows.setdefault(int(at // width), []).append(took)
-    return [1000 * pct(sorted(windows[k]), 0.99) for k in sorted(windows)]
+    for at, value in timed:
+        windows.setdefault(int(at // width), []).append(value)
+    return windows
+
+
+def p99_by_window(results: Iterable[dict[str, Any]], width: float = 1.0) -> dict[int, float]:
+    """p99 in ms of each `width`-second window of the paced runs' `scheduled_at` times
+    (all clients together), by window number in order: one bad second of a run shows as
+    such, where the run's p99 alone cannot tell a spike from a slow run."""
+    timed = (pair for r in results for pair in zip(r["scheduled_at"], r["latencies"], strict=True))
+    windows = by_window(timed, width)
+    return {k: 1000 * pct(sorted(windows[k]), 0.99) for k in sorted(windows)}
+
+
+def window_p99(results: Iterable[dict[str, Any]], width: float = 1.0) -> list[float]:
+    """:func:`p99_by_window`'s figures alone, in order."""
+    return list(p99_by_window(results, width).values())
 
 
 def get_result(q: Any, procs: Sequence[Any], timeout: float) -> Any:
@@ -285,14 +297,11 @@ class FsyncProbe:
         finally:
             os.close(fd)
 
-    def window_max(self, first: int, last: int, width: float = 1.0) -> list[float]:
-        """The slowest sync in ms of each `width`-second window `first`..`last` (as
-        :func:`window_p99` numbers them); nan where a window has none."""
-        worst: dict[int, float] = {}
-        for at, took in self.samples:
-            k = int(at // width)
-            worst[k] = max(worst.get(k, 0.0), took)
-        return [1000 * worst[k] if k in worst else float("nan") for k in range(first, last + 1)]
+    def window_max(self, windows: Iterable[int], width: float = 1.0) -> list[float]:
+        """The slowest sync in ms of each of these `width`-second windows (numbered as
+        :func:`by_window` numbers them); nan where a window has none."""
+        syncs = by_window(self.samples, width)
+        return [1000 * max(syncs[k]) if k in syncs else float("nan") for k in windows]
 
 
 def load_average() -> str:

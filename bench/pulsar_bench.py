@@ -36,9 +36,9 @@ from bench.common import (
     MachineLoad,
     account_keys,
     jit_cpu_seconds,
+    p99_by_window,
     run_processes,
     two_accounts,
-    window_p99,
     writer_process,
 )
 from bench.common import get_result as _get
@@ -58,8 +58,6 @@ PEAK_BATCHES_IN_FLIGHT = 4
 #: than this share of one core during a round (or MAX_WARMUP seconds have passed).
 JIT_SETTLED = 0.05
 WARMUP_ROUND = 5.0
-#: Seconds at the start of each paced run not measured (the first window is this one).
-PACED_WARMUP = 1.0
 MAX_WARMUP = 150.0
 KEYS = account_keys(ACCOUNTS)
 
@@ -270,7 +268,7 @@ def _paced(db: Any, rnd: random.Random, rate: float, seconds: float) -> dict[str
     scheduled_at = array("d")
     outcomes = array("b")
     errors: list[BaseException] = []
-    warmup = PACED_WARMUP
+    warmup = 1.0
     t0 = time.perf_counter()
     measure_from = t0 + warmup
     submitted = 0
@@ -452,7 +450,8 @@ def main(
     lat = sorted(x for r in paced for x in r["latencies"])
     paced_rate = sum(r["committed"] for r in paced) / seconds
     p50, p99 = 1000 * _pct(lat, 0.50), 1000 * _pct(lat, 0.99)
-    windows = window_p99(paced)
+    p99s = p99_by_window(paced)
+    windows = list(p99s.values())
     ratio = ll_rate / raw["per_s"] if raw["per_s"] else 0.0
     aborted = sum(r["aborted"] for r in peak)
     print(
@@ -475,8 +474,7 @@ def main(
         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat):,} transactions measured); "
         f"p99 of each second: {' '.join(f'{w:.0f}' for w in windows)} ms"
     )
-    first = int(PACED_WARMUP)
-    disk_worst = disk.window_max(first, first + len(windows) - 1)
+    disk_worst = disk.window_max(p99s)
     syncs = sorted(took for _at, took in disk.samples)
     if syncs:
         print(

@@ -49,10 +49,10 @@ def test_fsync_probe_times_synced_writes_in_its_directory(tmp_path: Path) -> Non
 def test_fsync_probe_reports_the_slowest_sync_of_each_window() -> None:
     probe = FsyncProbe(".")
     probe.samples = [(0.2, 0.001), (1.1, 0.002), (1.7, 0.030), (3.5, 0.004)]
-    worst = probe.window_max(1, 3)
+    worst = probe.window_max(range(1, 4))
     assert worst[0] == pytest.approx(30.0) and worst[2] == pytest.approx(4.0)
     assert math.isnan(worst[1]), "a second without a sample says so"
-    assert probe.window_max(0, 0) == [pytest.approx(1.0)]
+    assert probe.window_max([0]) == [pytest.approx(1.0)]
 
 
 def test_pct_of_nothing_is_nan() -> None:
