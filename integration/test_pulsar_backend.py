@@ -22,6 +22,7 @@ committed to a file as it goes, so a SIGKILL loses nothing the test relies on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -32,6 +33,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -578,10 +580,25 @@ def test_close_sends_held_submissions_in_messages_of_at_most_1_mib(local_pulsar:
         backend.close()
 
 
-def test_many_threads_share_intake_messages_and_all_commit(local_pulsar: Any) -> None:
+@pytest.mark.parametrize("route", ["intake", "local"])
+def test_many_threads_share_messages_and_all_commit(local_pulsar: Any, route: str) -> None:
+    """8 threads of one client submit at once: through the intake (the writer is in
+    another client) or straight to the client's own elected writer ("local")."""
     url = f"{local_pulsar.service_url}/public/default/threads-{uuid.uuid4().hex[:10]}"
-    with ledgerlog.open(url, client_id="threads", timeout=60) as db:
+    with contextlib.ExitStack() as stack:
+        if route == "intake":
+            host = stack.enter_context(ledgerlog.open(url, client_id="host", timeout=60))
+            host.wait_writer(60)
+        db = stack.enter_context(
+            ledgerlog.open(
+                url,
+                client_id="threads",
+                writer="auto" if route == "local" else None,
+                timeout=60,
+            )
+        )
         db.wait_writer(60)
+        assert db.writer is None if route == "intake" else db.writer.elected.wait(60)
         errors: list[BaseException] = []
 
         def work(t: int) -> None:
@@ -614,6 +631,87 @@ def test_many_threads_share_intake_messages_and_all_commit(local_pulsar: Any) ->
             )
             == 400
         )
+        if route == "local":
+            assert isinstance(db.backend, PulsarBackend)
+            assert _intake_messages(db.backend) == []
+
+
+def test_a_deposed_writers_local_submissions_go_through_the_intake_once(
+    local_pulsar: Any,
+) -> None:
+    """The elected writer's own client submits without the intake; its writer is then
+    fenced mid-stream (its lease stops, as a hung writer's would, and the standby in the
+    other client takes over). Submissions in its failed appends go through the intake
+    after all: every one is decided committed exactly once, and replicas agree."""
+    ledger = f"local-{uuid.uuid4().hex[:10]}"
+    backends = [
+        PulsarBackend(local_pulsar.service_url, ledger, lease_timeout=LEASE) for _ in range(3)
+    ]
+    host = ledgerlog.Client(backends[0], client_id="host", timeout=60)
+    standby = None
+    try:
+        assert host.writer is not None and host.writer.elected.wait(60)
+        standby = ledgerlog.Client(backends[1], client_id="standby", timeout=60)
+        standby.sync(60)
+        futures: list[Any] = []
+        stop = threading.Event()
+
+        def submit() -> None:
+            i = 0
+            while not stop.is_set():
+                txs = []
+                for _ in range(20):
+                    tx = host.transaction()
+                    tx.put(f"k{i}", i)
+                    txs.append(tx)
+                    i += 1
+                futures.extend(host.submit_many(txs))
+                time.sleep(0.01)
+
+        submitter = threading.Thread(target=submit)
+        submitter.start()
+        try:
+            time.sleep(1.0)
+            assert _intake_messages(backends[0]) == []  # all local so far
+            for w in backends[0].active_writers:
+                w.stop_heartbeat()
+            deadline = time.monotonic() + 30
+            while not (standby.writer is not None and standby.writer.elected.is_set()):
+                assert time.monotonic() < deadline, "the standby never took over"
+                time.sleep(0.05)
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            submitter.join(30)
+        decisions = [f.result(60) for f in futures]
+        assert len(decisions) > 100
+        assert all(d.committed for d in decisions)
+        assert _intake_messages(backends[0]), "nothing went through the intake"
+        n = len(decisions)
+        seq = standby.sync(60)
+        host.sync(60)
+        assert host.digest == standby.digest
+        assert [standby.get(f"k{i}") for i in range(n)] == list(range(n))
+        results: list[EntryResult] = []
+        check = Reader(backends[2], name="check")
+        check.subscribe(results.extend)
+        check.catch_up(60)
+        assert check.last_seq == seq
+        committed = Counter(
+            str(d.txn_id)
+            for res in results
+            if res.kind == "record"
+            for d in res.decisions
+            if d.committed
+        )
+        assert len(committed) == n and set(committed.values()) == {1}
+        check.close()
+    finally:
+        if standby is not None:
+            standby.close()
+        host.close()
+        for b in backends:
+            b.close()
 
 
 def test_end_is_one_cheap_round_trip(local_pulsar: Any) -> None:

@@ -184,6 +184,8 @@ DEFAULT_INTAKE_IN_FLIGHT: Final = 1
 _MAX_MERGED: Final = 1 << 20
 #: An intake batch on its way, with what to call once it is acknowledged or failed.
 _Submission = tuple[bytes, Callable[[BaseException | None], None]]
+#: Times an intake message the broker acknowledges as a duplicate is sent again.
+_MAX_DEDUP_RESENDS = 3
 
 WRITER_SUBSCRIPTION: Final = "ledgerlog-writer"
 END_SUBSCRIPTION: Final = "ledgerlog-end"
@@ -1152,14 +1154,34 @@ class PulsarIntakeProducer(IntakeProducer):
                     self._in_flight -= len(messages) - 1 - i
                 raise
 
-    def _send_one(self, data: bytes, group: list[_Submission]) -> None:
-        def on_ack(result: Any, _msg_id: Any) -> None:
+    def _send_one(self, data: bytes, group: list[_Submission], resends: int = 0) -> None:
+        def on_ack(result: Any, msg_id: Any) -> None:
             # Runs on the client's I/O thread: an exception escaping it aborts the process.
-            error = (
+            error: BaseException | None = (
                 None
                 if result == pulsar.Result.Ok
                 else BackendError(f"intake submit failed: {result}")
             )
+            if error is None and _ids(msg_id)[0] < 0:
+                # The broker dropped it as a duplicate of an earlier sequence id: seen
+                # for a held batch sent while a deposed writer's client resubmitted its
+                # own, and the message was not on the topic. Nothing says it was stored,
+                # so it goes again (on this slot); a copy that did land is decided once.
+                if resends < _MAX_DEDUP_RESENDS:
+                    log.warning(
+                        "intake message deduplicated by the broker; sending it again",
+                        client=self.client_id,
+                        txn_batches=len(group),
+                    )
+                    try:
+                        self._send_one(data, group, resends + 1)
+                        return
+                    except BaseException as exc:
+                        error = exc
+                else:
+                    error = BackendError(
+                        f"intake message deduplicated by the broker {resends + 1} times"
+                    )
             for _data, callback in group:
                 try:
                     callback(error)

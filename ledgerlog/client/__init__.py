@@ -24,11 +24,13 @@ import secrets
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast, overload
 
+import msgspec
 import structlog
 
 from ledgerlog import metrics
@@ -386,6 +388,28 @@ class Tx:
             self._done = True
 
 
+class _LocalBatch:
+    """Transactions handed to this process's writer, kept until decided."""
+
+    __slots__ = ("epoch", "fail", "futs", "payload", "resent")
+
+    def __init__(
+        self,
+        payload: list[bytes],
+        futs: Sequence[Future[Decision]],
+        fail: Callable[[BaseException | None], None],
+    ) -> None:
+        self.payload = payload
+        self.futs = futs
+        self.fail = fail
+        self.epoch = 0
+        self.resent = False
+
+    def settled(self) -> bool:
+        # Decisions come in submission order, mostly: the last one first is the cheap no.
+        return not self.futs or (self.futs[-1].done() and all(f.done() for f in self.futs))
+
+
 class Client:
     """A service's handle on one ledger (sync API; see :class:`AsyncClient`).
 
@@ -435,8 +459,13 @@ class Client:
         self._seq_lock = threading.Lock()
         self._latency = metrics.COMMIT_LATENCY.labels(backend.ledger)
         self.writer: Writer | None = None
+        # Local submissions not yet decided, oldest first (see _submit_local).
+        self._local: deque[_LocalBatch] = deque()
+        self._local_lock = threading.Lock()
+        self._seen_epoch = 0
         if writer == "auto":
             self.writer = Writer(backend, self.client_id)
+            self.reader.subscribe(self._on_entries)
         self._closed = False
         self._log = log.bind(ledger=backend.ledger, client=self.client_id)
         if start:
@@ -461,15 +490,99 @@ class Client:
 
     def _submit_encoded(self, txn_id: TxnId, data: bytes) -> Future[Decision]:
         self._check()
-        (fut,) = self.reader.watch_many(
-            [(txn_id.client_id, txn_id.client_seq)], self._latency.observe_many
-        )
+        key = (txn_id.client_id, txn_id.client_seq)
+        (fut,) = self.reader.watch_many([key], self._latency.observe_many)
+        if self._submit_local([data], [fut], self._failer([key], [fut])):
+            return fut
         try:
             self._intake.submit(encode_intake([data]), timeout=self.timeout)
         except BaseException:
             self.reader.unwatch(txn_id.client_id, txn_id.client_seq, fut)
             raise
         return fut
+
+    def _failer(
+        self, keys: list[tuple[str, int]], futs: Sequence[Future[Decision]]
+    ) -> Callable[[BaseException | None], None]:
+        """What fails these watched transactions' futures if their submission fails."""
+
+        def fail(error: BaseException | None) -> None:
+            if error is None:
+                return
+            for (client_id, client_seq), fut in zip(keys, futs, strict=True):
+                self.reader.unwatch(client_id, client_seq, fut)
+                if not fut.done():
+                    fut.set_exception(error)
+
+        return fail
+
+    def _submit_local(
+        self,
+        payload: list[bytes],
+        futs: Sequence[Future[Decision]],
+        fail: Callable[[BaseException | None], None],
+    ) -> bool:
+        """Hand `payload` (encoded transactions) straight to this process's writer when it
+        serves the ledger: its next record carries them, one persisted hop (the intake's)
+        fewer. False when it does not serve; the caller then uses the intake.
+
+        They go through the intake after all if that record fails or the term ends first,
+        and if this replica sees a newer epoch start before deciding them (a deposed
+        writer's records cannot count after it, whatever its appends were told).
+        Resubmitting is safe even if they landed: a copy of a committed transaction is
+        decided a duplicate, and one of an aborted transaction aborts again (its
+        conflicts only grow with its seq)."""
+        writer = self.writer
+        if writer is None:
+            return False
+        batch = _LocalBatch(payload, futs, fail)
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                self._resubmit(batch, repr(error))
+
+        batch.epoch = writer.submit_local([msgspec.Raw(t) for t in payload], done)
+        if not batch.epoch:
+            return False
+        with self._local_lock:
+            local = self._local
+            local.append(batch)
+            while local and local[0].settled():
+                local.popleft()
+            # A deposed writer that has not noticed yet still takes submissions, after
+            # this replica has seen the newer epoch start (and looked for stale ones).
+            stale = batch.epoch < self._seen_epoch
+        if stale:
+            self._resubmit(batch, f"epoch {self._seen_epoch} had started")
+        return True
+
+    def _resubmit(self, batch: _LocalBatch, why: str) -> None:
+        with self._local_lock:
+            if batch.resent:
+                return
+            batch.resent = True
+        self._log.warning(
+            "local submission not written; resubmitting through the intake",
+            why=why,
+            txns=len(batch.payload),
+        )
+        try:
+            self._intake.submit_async(encode_intake(batch.payload), batch.fail)
+        except BaseException as exc:
+            batch.fail(exc)
+
+    def _on_entries(self, _results: Sequence[Any]) -> None:
+        """On the reading thread, after each batch of entries is decided: once a newer
+        epoch has started, local submissions of older terms still undecided never will
+        be (records of an older epoch after its start are rejected)."""
+        epoch = self.reader.state.epoch
+        if epoch == self._seen_epoch:
+            return
+        with self._local_lock:
+            self._seen_epoch = epoch
+            stale = [b for b in self._local if b.epoch < epoch and not b.settled()]
+        for b in stale:
+            self._resubmit(b, f"epoch {epoch} started before they were decided")
 
     def submit_many(self, txs: Sequence[Tx]) -> list[Future[Decision]]:
         """Submit several finished-building transactions as ONE intake batch (one
@@ -505,20 +618,13 @@ class Client:
             watched = self.reader.watch_many(keys, self._latency.observe_many)
             for slot, fut in zip(slots, watched, strict=True):
                 futs[slot] = fut
-
-            def forget(error: BaseException | None) -> None:
-                if error is None:
-                    return
-                for (client_id, client_seq), fut in zip(keys, watched, strict=True):
-                    self.reader.unwatch(client_id, client_seq, fut)
-                    if not fut.done():
-                        fut.set_exception(error)
-
-            try:
-                self._intake.submit_async(encode_intake(payload), forget)
-            except BaseException as exc:
-                forget(exc)
-                raise
+            fail = self._failer(keys, watched)
+            if not self._submit_local(payload, watched, fail):
+                try:
+                    self._intake.submit_async(encode_intake(payload), fail)
+                except BaseException as exc:
+                    fail(exc)
+                    raise
         return cast(list[Future[Decision]], futs)
 
     def _wait(self, fut: Future[Decision], txn_id: TxnId, timeout: float | None) -> Decision:

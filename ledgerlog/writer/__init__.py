@@ -11,6 +11,11 @@ ends its term at the first that fails.
 
 When it is fenced (another writer took over) it stops appending at once, tells whoever
 listens, and goes back to standing by.
+
+A writer running inside a client (``writer="auto"``) also takes that client's own
+submissions directly (:meth:`Writer.submit_local`) into the same sequence of records,
+one persisted hop fewer than the intake; the client keeps them until they are decided
+and resubmits them through the intake if the term ends first.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ import msgspec
 import structlog
 
 from ledgerlog import metrics
-from ledgerlog.backends.base import Backend, IntakeItem, LogWriter, PendingAppend
+from ledgerlog.backends.base import (
+    Backend,
+    IntakeConsumer,
+    IntakeItem,
+    LogWriter,
+    PendingAppend,
+)
 from ledgerlog.codec import WireIntake, decode_entry, encode_epoch, encode_record
 from ledgerlog.errors import (
     BackendError,
@@ -43,6 +54,10 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_RECORD_TXNS: Final = 1000
 DEFAULT_MAX_RECORD_BYTES: Final = 1024 * 1024
+
+#: Told the outcome of a local submission's append: None once it is acknowledged, the
+#: error otherwise (see :meth:`Writer.submit_local`).
+LocalDone = Callable[[BaseException | None], None]
 
 
 class HLC:
@@ -98,6 +113,8 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._log = log.bind(ledger=backend.ledger, writer=writer_id)
         self.error: BaseException | None = None
+        # The term being served, for submit_local (None while standing by).
+        self._term: _Term | None = None
 
     # Lifecycle -------------------------------------------------------------------------
 
@@ -191,84 +208,90 @@ class Writer:
         state = self._recover(lw)
         self.epoch = state.epoch
         self.next_seq = state.next_seq
-        hlc = HLC(state.hlc)
         intake = lw.intake(state.meta)
-        ledger = self.backend.ledger
-        m_records = metrics.WRITER_RECORDS.labels(ledger)
-        m_txns = metrics.WRITER_TXNS.labels(ledger)
-        m_seq = metrics.WRITER_NEXT_SEQ.labels(ledger)
+        term = _Term(self, lw, state, intake)
         log_ = self._log.bind(epoch=state.epoch)
         log_.info("serving", next_seq=state.next_seq)
-        metrics.WRITER_EPOCH.labels(ledger).set(state.epoch)
+        metrics.WRITER_EPOCH.labels(self.backend.ledger).set(state.epoch)
+        self._term = term
         self.elected.set()
         if self.on_elected is not None:
             self.on_elected(state.epoch)
-        # Appends in flight, oldest first: (append, the intake items it carries, the
-        # next seq after it). The backend lands them in order and none after a failed
-        # one; intake items are acknowledged only once their own append is.
-        pending: deque[tuple[PendingAppend, list[IntakeItem], int]] = deque()
         depth = max(1, lw.max_pending_appends)
-
-        def retire(wait: bool) -> None:
-            while pending and (wait or pending[0][0].done()):
-                append, items, next_seq = pending[0]
-                append.result()  # raises FencedError / BackendError: the term ends
-                pending.popleft()
-                intake.ack(items)
-                self.next_seq = next_seq
-                m_seq.set(next_seq)
-                wait = False
-
         try:
             last_check = time.monotonic()
             while not self._stop.is_set():
-                retire(wait=len(pending) >= depth)
+                with term.lock:
+                    term.retire(wait=len(term.pending) >= depth)
                 # With appends in flight, look back soon to retire them; intake that
                 # arrives meanwhile is taken at once either way. (A failed send already
                 # stops the next append from starting: retiring late only delays the
                 # intake acknowledgement, which is bookkeeping.)
-                items = intake.poll(self.max_batch_items, timeout=0.01 if pending else 0.05)
+                items = intake.poll(self.max_batch_items, timeout=0.01 if term.pending else 0.05)
                 if not items:
-                    if not pending and time.monotonic() - last_check > 0.5:
+                    if not term.pending and time.monotonic() - last_check > 0.5:
                         lw.check()
                         last_check = time.monotonic()
                     continue
                 raws = self._unpack(items)
                 if not raws:
                     continue
-                meta = intake.meta(items)
-                records: list[bytes] = []
-                i = 0
-                while i < len(raws):
-                    j = i
-                    size = 0
-                    while j < len(raws) and j - i < self.max_record_txns:
-                        size += len(raws[j])
-                        if size > self.max_record_bytes and j > i:
-                            break
-                        j += 1
-                    last = j == len(raws)
-                    records.append(
-                        encode_record(
-                            state.epoch,
-                            state.next_seq,
-                            hlc.now(),
-                            self.writer_id,
-                            raws[i:j],
-                            meta if last else b"",
-                        )
-                    )
-                    state.next_seq += j - i
-                    i = j
-                state.meta = meta
-                state.hlc = hlc.last
-                pending.append((lw.append_async(records, state.to_bytes()), items, state.next_seq))
-                m_records.inc(len(records))
-                m_txns.inc(len(raws))
+                with term.lock:
+                    term.append(raws, items, intake.meta(items), [])
             # Stopping: let what is in flight land (or fail) before resigning.
-            retire(wait=True)
+            term.close()
+            with term.lock:
+                term.retire(wait=True)
         finally:
+            self._term = None
+            term.close()
+            term.abandon()
             intake.close()
+
+    def submit_local(self, raws: list[msgspec.Raw], on_done: LocalDone) -> int:
+        """Append transactions submitted in this process straight into the next record,
+        without the intake's persisted hop, if this writer is serving: returns the
+        term's epoch, or 0 if it is not serving (the caller then uses the intake).
+
+        `on_done(None)` once the record carrying them is acknowledged, `on_done(error)`
+        if it failed or the term ended first; they may still have landed, so the caller
+        resubmits them through the intake (readers decide a transaction id once).
+        Returns without waiting: concurrent callers share records (the first appends what
+        the others queue meanwhile)."""
+        term = self._term
+        if term is None or not term.submit_local(raws, on_done):
+            return 0
+        return term.state.epoch
+
+    def _records(
+        self, state: SequencerState, hlc: HLC, raws: list[msgspec.Raw], meta: bytes
+    ) -> list[bytes]:
+        """`raws` as records of at most max_record_txns / max_record_bytes, numbered from
+        ``state.next_seq`` on (which moves past them); `meta` goes with the last."""
+        records: list[bytes] = []
+        i = 0
+        while i < len(raws):
+            j = i
+            size = 0
+            while j < len(raws) and j - i < self.max_record_txns:
+                size += len(raws[j])
+                if size > self.max_record_bytes and j > i:
+                    break
+                j += 1
+            last = j == len(raws)
+            records.append(
+                encode_record(
+                    state.epoch,
+                    state.next_seq,
+                    hlc.now(),
+                    self.writer_id,
+                    raws[i:j],
+                    meta if last else b"",
+                )
+            )
+            state.next_seq += j - i
+            i = j
+        return records
 
     def _unpack(self, items: list[IntakeItem]) -> list[msgspec.Raw]:
         raws: list[msgspec.Raw] = []
@@ -285,3 +308,122 @@ class Writer:
                 continue
             raws.extend(entry.txns)
         return raws
+
+
+class _Term:
+    """One term's appending: records numbered from the recovered state, appends in flight
+    oldest first, shared by the serving thread (intake) and local submitters. `lock`
+    orders appends (their seqs) and guards `pending`; only the serving thread retires."""
+
+    def __init__(
+        self, writer: Writer, lw: LogWriter, state: SequencerState, intake: IntakeConsumer
+    ) -> None:
+        self.writer = writer
+        self.lw = lw
+        self.state = state
+        self.hlc = HLC(state.hlc)
+        self.intake = intake
+        self.lock = threading.Lock()
+        # (append, the intake items it carries, its local submitters, the next seq
+        # after it). The backend lands appends in order and none after a failed one;
+        # intake items are acknowledged only once their own append is.
+        self.pending: deque[tuple[PendingAppend, list[IntakeItem], list[LocalDone], int]] = deque()
+        self.failed: BaseException | None = None
+        ledger = writer.backend.ledger
+        self._m_records = metrics.WRITER_RECORDS.labels(ledger)
+        self._m_txns = metrics.WRITER_TXNS.labels(ledger)
+        self._m_seq = metrics.WRITER_NEXT_SEQ.labels(ledger)
+        # Local submissions waiting for the submitter that is appending (under qlock).
+        self._qlock = threading.Lock()
+        self._queue: list[tuple[list[msgspec.Raw], LocalDone]] = []
+        self._appending = False
+        self._closed = False
+
+    def append(
+        self, raws: list[msgspec.Raw], items: list[IntakeItem], meta: bytes, done: list[LocalDone]
+    ) -> None:
+        """Start appending `raws` (call with `lock` held); raises what ends the term."""
+        if self.failed is not None:
+            raise self.failed
+        state = self.state
+        records = self.writer._records(state, self.hlc, raws, meta)
+        if meta:
+            state.meta = meta
+        state.hlc = self.hlc.last
+        try:
+            append = self.lw.append_async(records, state.to_bytes())
+        except BaseException as exc:
+            self.failed = exc
+            raise
+        self.pending.append((append, items, done, state.next_seq))
+        self._m_records.inc(len(records))
+        self._m_txns.inc(len(raws))
+
+    def retire(self, wait: bool) -> None:
+        """Settle the appends that are done (the oldest at least, if `wait`); call with
+        `lock` held. Raises the first failure, which ends the term."""
+        pending = self.pending
+        if self.failed is not None:
+            raise self.failed
+        while pending and (wait or pending[0][0].done()):
+            append, items, done, next_seq = pending[0]
+            try:
+                append.result()
+            except BaseException as exc:
+                self.failed = exc
+                raise
+            pending.popleft()
+            self.intake.ack(items)
+            self.writer.next_seq = next_seq
+            self._m_seq.set(next_seq)
+            _tell(done, None)
+            wait = False
+
+    def submit_local(self, raws: list[msgspec.Raw], on_done: LocalDone) -> bool:
+        with self._qlock:
+            if self._closed:
+                return False
+            self._queue.append((raws, on_done))
+            if self._appending:
+                return True  # the submitter appending now takes it on its next round
+            self._appending = True
+        while True:
+            with self._qlock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._appending = False
+                    return True
+            done = [d for _raws, d in batch]
+            error: BaseException | None = None
+            with self.lock:
+                if self._closed or self.failed is not None:
+                    error = self.failed or ClosedError("the writer's term ended")
+                else:
+                    try:
+                        self.append([r for rs, _d in batch for r in rs], [], b"", done)
+                    except BaseException as exc:
+                        error = exc
+            if error is not None:
+                _tell(done, error)
+
+    def close(self) -> None:
+        """No more local submissions; those queued fail (their submitters resubmit)."""
+        with self._qlock:
+            self._closed = True
+
+    def abandon(self) -> None:
+        """The term is over: whatever is still pending may or may not land; its local
+        submitters are told so (intake items are reread by the next term)."""
+        with self.lock:
+            error = self.failed or ClosedError("the writer's term ended")
+            done = [d for _a, _i, ds, _n in self.pending for d in ds]
+            self.pending.clear()
+        _tell(done, error)
+
+
+def _tell(done: list[LocalDone], error: BaseException | None) -> None:
+    for fn in done:
+        try:
+            fn(error)
+        except Exception:  # one submitter's callback must not end the term
+            log.exception("local submission callback failed")

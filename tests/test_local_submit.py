@@ -1,0 +1,162 @@
+"""A client whose own writer serves the ledger hands its submissions straight to it
+(no intake hop); when that append fails they go through the intake after all, and each
+transaction is still decided once (embedded backend; tests/../integration covers Pulsar)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_client import ledger_decisions, open_client
+
+import ledgerlog
+from ledgerlog.backends.base import IntakeProducer
+from ledgerlog.backends.file import FileLogWriter
+from ledgerlog.errors import BackendError
+from ledgerlog.model import Outcome
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class CountingIntake(IntakeProducer):
+    """Passes every call on to the real intake producer, counting the batches."""
+
+    def __init__(self, inner: IntakeProducer) -> None:
+        self.inner = inner
+        self.batches = 0
+
+    def submit(self, data: bytes, timeout: float | None = None) -> None:
+        self.batches += 1
+        self.inner.submit(data, timeout)
+
+    def submit_async(self, data: bytes, on_done: Callable[[BaseException | None], None]) -> None:
+        self.batches += 1
+        self.inner.submit_async(data, on_done)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def counted(client: ledgerlog.Client) -> CountingIntake:
+    spy = CountingIntake(client._intake)
+    client._intake = spy
+    return spy
+
+
+def blind_puts(client: ledgerlog.Client, prefix: str, n: int) -> list[Any]:
+    txs = []
+    for i in range(n):
+        tx = client.transaction()
+        tx.put(f"{prefix}{i}", i)
+        txs.append(tx)
+    return client.submit_many(txs)
+
+
+def committed_once(path: Path) -> Counter[str]:
+    """How many times each transaction id was decided committed in the ledger."""
+    decisions, reader = ledger_decisions(path)
+    reader.close()
+    return Counter(str(d.txn_id) for d in decisions if d.outcome is Outcome.COMMITTED)
+
+
+def test_the_writers_own_client_skips_the_intake_and_others_do_not(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    with open_client(path, "host") as host, open_client(path, "guest", writer=None) as guest:
+        host.wait_writer(10)
+        assert host.writer is not None and host.writer.elected.is_set()
+        host_intake, guest_intake = counted(host), counted(guest)
+        futs = blind_puts(host, "h", 50) + blind_puts(guest, "g", 50)
+        assert all(f.result(10).committed for f in futs)
+        assert host.transaction().put("one", 1) is None
+        with host.transaction() as tx:
+            tx.put("single", 1)  # the one-at-a-time path (Tx.commit) too
+        assert tx.decision is not None and tx.decision.committed
+        assert host_intake.batches == 0
+        assert guest_intake.batches >= 1
+        guest.sync(10)
+        assert [guest.get(f"h{i}") for i in range(50)] == list(range(50))
+        assert host.digest == guest.digest
+    counts = committed_once(path)
+    assert len(counts) == 101 and set(counts.values()) == {1}
+
+
+def test_a_standby_client_goes_through_the_intake(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    with open_client(path, "first") as first, open_client(path, "second") as second:
+        first.wait_writer(10)
+        assert second.writer is not None and not second.writer.elected.is_set()
+        spy = counted(second)
+        assert all(f.result(10).committed for f in blind_puts(second, "s", 20))
+        assert spy.batches >= 1
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["lost", "landed"])
+def test_a_failed_local_append_is_resubmitted_through_the_intake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """The append carrying local submissions fails (after writing them, if `landed`):
+    the writer resigns and is elected again, the client resubmits them through the
+    intake, and every one of them is decided committed exactly once."""
+    path = tmp_path / "ledger"
+    real = FileLogWriter.append_async
+    failures: list[int] = []
+
+    def flaky(self: FileLogWriter, entries: Sequence[bytes], state: bytes) -> Any:
+        # Fail the first append made from the submitting (test) thread: a local one.
+        if not failures and threading.current_thread() is threading.main_thread():
+            failures.append(len(entries))
+            if landed:
+                real(self, entries, state)
+            raise BackendError("injected append failure")
+        return real(self, entries, state)
+
+    with open_client(path, "host") as host:
+        host.wait_writer(10)
+        monkeypatch.setattr(FileLogWriter, "append_async", flaky)
+        spy = counted(host)
+        futs = blind_puts(host, "k", 30)
+        decisions = [f.result(20) for f in futs]
+        assert failures, "the injected failure never happened"
+        assert all(d.committed for d in decisions)
+        assert spy.batches >= 1  # the resubmission
+        host.sync(10)
+        assert [host.get(f"k{i}") for i in range(30)] == list(range(30))
+        # Later submissions go on (locally again, once the writer is re-elected).
+        assert all(f.result(20).committed for f in blind_puts(host, "after", 5))
+    counts = committed_once(path)
+    assert len(counts) == 35 and set(counts.values()) == {1}
+
+
+def test_concurrent_local_submitters_share_records_and_all_commit(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    with open_client(path, "host", fsync=True) as host:
+        host.wait_writer(10)
+        spy = counted(host)
+        errors: list[BaseException] = []
+
+        def work(t: int) -> None:
+            try:
+                for b in range(10):
+                    assert all(f.result(20).committed for f in blind_puts(host, f"t{t}-{b}-", 5))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not errors, errors[0]
+        assert spy.batches == 0
+        host.sync(10)
+        assert sum(1 for _k, _v in host.range("t", "u")) == 400
+    decisions, reader = ledger_decisions(path)
+    records = reader.entries_read
+    reader.close()
+    assert len([d for d in decisions if d.committed]) == 400
+    # 80 submit_many calls; queued ones ride along with the append in progress.
+    assert records <= 80
