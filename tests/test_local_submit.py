@@ -5,6 +5,7 @@ transaction is still decided once (embedded backend; tests/../integration covers
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from test_client import ledger_decisions, open_client
 
 import ledgerlog
-from ledgerlog.backends.base import IntakeProducer
+from ledgerlog.backends.base import CompletedAppend, IntakeProducer
 from ledgerlog.backends.file import FileLogWriter
 from ledgerlog.errors import BackendError
 from ledgerlog.model import Outcome
@@ -160,3 +161,43 @@ def test_concurrent_local_submitters_share_records_and_all_commit(tmp_path: Path
     assert len([d for d in decisions if d.committed]) == 400
     # 80 submit_many calls; queued ones ride along with the append in progress.
     assert records <= 80
+
+
+def test_local_submissions_an_ack_lied_about_are_resubmitted_at_the_next_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append is acknowledged without being written (what a broker dropping a message
+    as a duplicate looks like to the writer): nothing reports a failure, so the client's
+    replica must find out. Once it sees a newer epoch start (forced here by failing the
+    next local append), records of the old term can no longer count: the undecided
+    transactions go through the intake and commit exactly once."""
+    path = tmp_path / "ledger"
+    real = FileLogWriter.append_async
+    calls: list[str] = []
+
+    def lying(self: FileLogWriter, entries: Sequence[bytes], state: bytes) -> Any:
+        if threading.current_thread() is threading.main_thread() and len(calls) < 2:
+            if not calls:
+                calls.append("acked, not written")
+                return CompletedAppend(self.backend.end())
+            calls.append("failed")
+            raise BackendError("injected append failure")
+        return real(self, entries, state)
+
+    with open_client(path, "host") as host:
+        host.wait_writer(10)
+        first_epoch = host.reader.state.epoch
+        monkeypatch.setattr(FileLogWriter, "append_async", lying)
+        lost = blind_puts(host, "lost", 10)
+        # Let the writer retire that append as acknowledged (its submitter told "done").
+        term = host.writer._term if host.writer is not None else None
+        deadline = time.monotonic() + 10
+        while term is not None and term.pending:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        failed = blind_puts(host, "failed", 10)
+        assert all(f.result(20).committed for f in lost + failed)
+        assert calls == ["acked, not written", "failed"]
+        assert host.reader.state.epoch > first_epoch
+    counts = committed_once(path)
+    assert len(counts) == 20 and set(counts.values()) == {1}
