@@ -7,10 +7,12 @@ standalone JVM, journal fsync on), warmed up first by an unmeasured run of each 
 1. baseline: raw ``pulsar-client``: one process produces messages of the size of one
    ledgerlog transaction (``send_async``, batching on) while another reads them; the rate
    is messages read per second, from the start signal to the last message read;
-2. ledgerlog peak: a ``ledgerlog writer pulsar://...`` process and client processes that
-   pipeline transfers (read two balances, write two) with ``Client.submit_many``; a
-   transfer counts once its commit decision is seen on the client's own replica (a
-   reader that validated it like every other);
+2. ledgerlog peak: client processes that pipeline transfers (read two balances, write
+   two) with ``Client.submit_many``; a transfer counts once its commit decision is seen
+   on the client's own replica (a reader that validated it like every other). The
+   clients run the library's default ``writer="auto"``: each stands by as writer and
+   one is elected, whose own transactions skip the intake (``Writer.submit_local``)
+   while the other's go through it;
 3. ledgerlog paced at about half the peak: each client submits on a fixed schedule (the
    transactions due every few milliseconds as one ``submit_many``), and a transaction's
    commit latency runs from its scheduled submit time to its decision being seen.
@@ -39,7 +41,6 @@ from bench.common import (
     p99_by_window,
     run_processes,
     two_accounts,
-    writer_process,
 )
 from bench.common import get_result as _get
 from bench.common import pct as _pct
@@ -138,8 +139,9 @@ def _raw_reader(url: str, topic: str, seconds: float, go: Any, q: Any, total: An
 
 def send_latency(url: str, size: int, count: int = 300) -> tuple[float, float]:
     """p50/p99 ms of one synchronous send at a time (no batching): the broker's
-    persist-and-acknowledge round trip, what one ledgerlog commit needs twice (the
-    client's intake publish, the writer's append) plus the replica's read."""
+    persist-and-acknowledge round trip, what one ledgerlog commit needs once (the
+    writer's append) or twice (a client's intake publish first, unless that client hosts
+    the writer) plus the replica's read."""
     import pulsar
 
     client = pulsar.Client(url, operation_timeout_seconds=30, logger=_pulsar_logger())
@@ -201,18 +203,30 @@ def run_raw(url: str, size: int, seconds: float) -> dict[str, float]:
 
 
 def _ledger_client(
-    url: str, idx: int, mode: str, arg: float, seconds: float, go: Any, q: Any
+    url: str, idx: int, mode: str, arg: float, seconds: float, serving: Any, go: Any, q: Any
 ) -> None:
     _quiet()
     import ledgerlog
 
-    db = ledgerlog.open(url, writer=None, client_id=f"bench-{mode}-{idx}", timeout=60)
+    db = ledgerlog.open(url, client_id=f"bench-{mode}-{idx}", timeout=60)
     db.sync(120)
+    # Each round starts new clients, so one of them is elected anew (after scanning the
+    # ledger): ready only once a writer serves, so that no measured transaction waits
+    # for the election.
+    deadline = time.monotonic() + 120
+    while not serving.is_set():
+        if db.writer is not None and db.writer.elected.is_set():
+            serving.set()
+        elif time.monotonic() > deadline:
+            raise TimeoutError("no writer elected among the benchmark's clients")
+        else:
+            time.sleep(0.01)
     rnd = random.Random(idx * 7919 + (mode == "paced"))
     q.put(("ready", 0))
     go.wait()
     run = _peak if mode == "peak" else _paced
     result = run(db, rnd, arg, seconds)
+    result["hosts_writer"] = db.writer is not None and db.writer.elected.is_set()
     q.put(("result", result))
     db.close()
 
@@ -346,7 +360,8 @@ def _run_clients(
         for m in meters:
             m.stop()
 
-    argses = [(url, i, mode, arg, seconds) for i in range(clients)]
+    serving = mp.get_context("spawn").Event()
+    argses = [(url, i, mode, arg, seconds, serving) for i in range(clients)]
     return run_processes(
         _ledger_client, argses, result_timeout=seconds + 180, on_go=start, on_done=stop
     )
@@ -398,7 +413,6 @@ def main(
     first, and then the paced workload again until the broker's JIT compilers settle
     (at most `max_warmup` seconds; 0 skips that)."""
     _quiet()
-    import ledgerlog
     from ledgerlog.devservers.pulsar import LocalPulsar
 
     started = time.monotonic()
@@ -407,46 +421,38 @@ def main(
     jvm_args = os.environ.get("LEDGERLOG_BENCH_JVM_ARGS", "").split()
     with LocalPulsar(extra_jvm_args=jvm_args) as broker:
         url = f"{broker.service_url}/public/default/bench-{uuid.uuid4().hex[:10]}"
-        with writer_process(url) as writer:
-            db = ledgerlog.open(url, writer=None, client_id="bench-init", timeout=60)
-            try:
-                db.wait_writer(120)
-            finally:
-                db.close()
-            # A freshly started broker JVM compiles hot code for minutes; on 2 cores its C2
-            # compiler thread alone took 10-20% of the machine during the first minute.
-            # Both workloads run once unmeasured, so that neither measured phase pays for
-            # the other's warm-up (the raw baseline used to be measured on a broker warmed
-            # by ledgerlog's own phase).
-            warm, _ = _run_clients(url, clients, "peak", batch, warm_s)
-            size = round(statistics.mean(r["tx_size"] for r in warm))
-            warm_rate = sum(r["committed"] for r in warm) / warm_s
-            _run_clients(url, clients, "paced", warm_rate / 2 / clients, warm_s)
-            # The paced workload's latency is what C2 compiling under load hurts most (a
-            # broker thread taking a quarter of the machine for a minute after start):
-            # measure a warm broker, and say how long it took to get there.
-            jit_s, jit_share = (
-                _settle_jit(url, broker.pid, clients, warm_rate / 2, max_warmup)
-                if max_warmup > 0
-                else (0.0, None)
-            )
-            run_raw(broker.service_url, size, warm_s)
-            raw = run_raw(broker.service_url, size, seconds)
-            # The whole tree (the clients, the writer and the broker are all children),
-            # with the broker's and the writer's shares on their own.
-            parts = {"broker": [broker.pid], "writer": [writer.pid]}
-            peak_load = MachineLoad([os.getpid()], parts)
-            peak, peak_elapsed = _run_clients(url, clients, "peak", batch, seconds, peak_load)
-            send_p50, send_p99 = send_latency(broker.service_url, size)
-            committed = sum(r["committed"] for r in peak)
-            ll_rate = committed / seconds
-            target_rate = ll_rate / 2
-            load = MachineLoad([os.getpid()], parts)
-            # Beside the bookie's journal (same directory tree, same filesystem).
-            disk = FsyncProbe(broker.data_dir)
-            paced, _ = _run_clients(
-                url, clients, "paced", target_rate / clients, seconds, load, disk
-            )
+        # A freshly started broker JVM compiles hot code for minutes; on 2 cores its C2
+        # compiler thread alone took 10-20% of the machine during the first minute.
+        # Both workloads run once unmeasured, so that neither measured phase pays for
+        # the other's warm-up (the raw baseline used to be measured on a broker warmed
+        # by ledgerlog's own phase).
+        warm, _ = _run_clients(url, clients, "peak", batch, warm_s)
+        size = round(statistics.mean(r["tx_size"] for r in warm))
+        warm_rate = sum(r["committed"] for r in warm) / warm_s
+        _run_clients(url, clients, "paced", warm_rate / 2 / clients, warm_s)
+        # The paced workload's latency is what C2 compiling under load hurts most (a
+        # broker thread taking a quarter of the machine for a minute after start):
+        # measure a warm broker, and say how long it took to get there.
+        jit_s, jit_share = (
+            _settle_jit(url, broker.pid, clients, warm_rate / 2, max_warmup)
+            if max_warmup > 0
+            else (0.0, None)
+        )
+        run_raw(broker.service_url, size, warm_s)
+        raw = run_raw(broker.service_url, size, seconds)
+        # The whole tree (the clients and the broker are all children), with the
+        # broker's share on its own.
+        parts = {"broker": [broker.pid]}
+        peak_load = MachineLoad([os.getpid()], parts)
+        peak, peak_elapsed = _run_clients(url, clients, "peak", batch, seconds, peak_load)
+        send_p50, send_p99 = send_latency(broker.service_url, size)
+        committed = sum(r["committed"] for r in peak)
+        ll_rate = committed / seconds
+        target_rate = ll_rate / 2
+        load = MachineLoad([os.getpid()], parts)
+        # Beside the bookie's journal (same directory tree, same filesystem).
+        disk = FsyncProbe(broker.data_dir)
+        paced, _ = _run_clients(url, clients, "paced", target_rate / clients, seconds, load, disk)
     lat = sorted(x for r in paced for x in r["latencies"])
     paced_rate = sum(r["committed"] for r in paced) / seconds
     p50, p99 = 1000 * _pct(lat, 0.50), 1000 * _pct(lat, 0.99)
@@ -464,7 +470,8 @@ def main(
         f"p50 {send_p50:.1f} ms, p99 {send_p99:.1f} ms per persisted message"
     )
     print(
-        f"pulsar end-to-end, local standalone, {clients} client processes + 1 writer: "
+        f"pulsar end-to-end, local standalone, {clients} client processes (one hosts the "
+        f"elected writer): "
         f"{ll_rate:>9,.0f} committed txn/s ({committed:,} committed, {aborted:,} aborted; "
         f"{size} B per transaction, submit_many of {batch}; "
         f"{committed / peak_elapsed:,.0f}/s over the wall time)"
@@ -474,6 +481,14 @@ def main(
         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat):,} transactions measured); "
         f"p99 of each second: {' '.join(f'{w:.0f}' for w in windows)} ms"
     )
+    by_host = {r["hosts_writer"]: sorted(r["latencies"]) for r in paced if r["latencies"]}
+    if len(by_host) == 2:
+        own, other = by_host[True], by_host[False]
+        print(
+            f"  the writer's own client (no intake hop): p50 {1000 * _pct(own, 0.5):.1f}, "
+            f"p99 {1000 * _pct(own, 0.99):.1f} ms; the other (through the intake): "
+            f"p50 {1000 * _pct(other, 0.5):.1f}, p99 {1000 * _pct(other, 0.99):.1f} ms"
+        )
     disk_worst = disk.window_max(p99s)
     syncs = sorted(took for _at, took in disk.samples)
     if syncs:
