@@ -51,6 +51,7 @@ from ledgerlog.errors import (
 )
 from ledgerlog.model import START, Outcome, Position
 from ledgerlog.reader import Reader
+from ledgerlog.testing.threads import run_in_threads
 from ledgerlog.validator import EntryResult, ValidatorState, process_entry
 from ledgerlog.views.memory import MemoryView
 
@@ -599,26 +600,17 @@ def test_many_threads_share_messages_and_all_commit(local_pulsar: Any, route: st
         )
         db.wait_writer(60)
         assert db.writer is None if route == "intake" else db.writer.elected.wait(60)
-        errors: list[BaseException] = []
 
         def work(t: int) -> None:
-            try:
-                for b in range(10):
-                    txs = []
-                    for i in range(5):
-                        tx = db.transaction()
-                        tx.put(f"k-{t}-{b}-{i}", i)
-                        txs.append(tx)
-                    assert all(f.result(60).committed for f in db.submit_many(txs))
-            except BaseException as exc:
-                errors.append(exc)
+            for b in range(10):
+                txs = []
+                for i in range(5):
+                    tx = db.transaction()
+                    tx.put(f"k-{t}-{b}-{i}", i)
+                    txs.append(tx)
+                assert all(f.result(60).committed for f in db.submit_many(txs))
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(120)
-        assert not errors, errors[0]
+        run_in_threads(work, 8, timeout=120)
         db.sync(60)
         assert db.get("k-7-9-4") == 4
         assert (

@@ -9,7 +9,6 @@ import random
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import ledgerlog
 from ledgerlog.backends.file import FileBackend
 from ledgerlog.client import GEN0_THRESHOLD
 from ledgerlog.model import AbortReason, Decision, Outcome, TxnId
+from ledgerlog.testing.threads import run_in_threads
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -608,7 +608,6 @@ async def test_async_api(ledger: Path) -> None:
 def test_threads_doing_transfers_conserve_the_total(db: ledgerlog.Client) -> None:
     init_accounts(db)
     per_thread = 25
-    errors: list[BaseException] = []
     done = [0] * 8
 
     @ledgerlog.transactional(retries=200, backoff=0.0005, max_backoff=0.02)
@@ -620,20 +619,12 @@ def test_threads_doing_transfers_conserve_the_total(db: ledgerlog.Client) -> Non
 
     def run(i: int) -> None:
         rnd = random.Random(i)
-        try:
-            for _ in range(per_thread):
-                s, d = rnd.sample(range(ACCOUNTS), 2)
-                transfer(db, f"acct:{s:02d}", f"acct:{d:02d}", rnd.randint(1, 100))
-                done[i] += 1
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(per_thread):
+            s, d = rnd.sample(range(ACCOUNTS), 2)
+            transfer(db, f"acct:{s:02d}", f"acct:{d:02d}", rnd.randint(1, 100))
+            done[i] += 1
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(50)
-    assert not errors, errors
+    run_in_threads(run, 8, timeout=50)
     assert done == [per_thread] * 8
     seq = db.sync()
     assert total(db) == ACCOUNTS * BALANCE

@@ -9,7 +9,9 @@ import textwrap
 import threading
 from pathlib import Path
 
-from ledgerlog.testing.threads import lingering_threads
+import pytest
+
+from ledgerlog.testing.threads import lingering_threads, run_in_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +72,22 @@ def test_a_session_that_leaves_a_thread_running_fails_instead_of_hanging(
     assert "thread 'leaker' (non-daemon) is still running" in out.stdout
     assert "1 non-daemon thread(s) left running by the tests" in out.stdout
     assert out.returncode == 1
+
+
+def test_run_in_threads_runs_each_index_at_once_and_reraises_a_workers_error() -> None:
+    barrier = threading.Barrier(4, timeout=5)  # passes only if all 4 run at the same time
+    seen: list[int] = []
+
+    def work(i: int) -> None:
+        barrier.wait()
+        seen.append(i)
+
+    run_in_threads(work, 4, timeout=10)
+    assert sorted(seen) == [0, 1, 2, 3]
+
+    def fails(i: int) -> None:
+        if i == 2:
+            raise ValueError("worker 2")
+
+    with pytest.raises(ValueError, match="worker 2"):
+        run_in_threads(fails, 4, timeout=10)

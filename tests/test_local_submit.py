@@ -19,6 +19,7 @@ from ledgerlog.backends.base import CompletedAppend, IntakeProducer
 from ledgerlog.backends.file import FileLogWriter
 from ledgerlog.errors import BackendError
 from ledgerlog.model import Outcome
+from ledgerlog.testing.threads import run_in_threads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,21 +138,12 @@ def test_concurrent_local_submitters_share_records_and_all_commit(tmp_path: Path
     with open_client(path, "host", fsync=True) as host:
         host.wait_writer(10)
         spy = counted(host)
-        errors: list[BaseException] = []
 
         def work(t: int) -> None:
-            try:
-                for b in range(10):
-                    assert all(f.result(20).committed for f in blind_puts(host, f"t{t}-{b}-", 5))
-            except BaseException as exc:
-                errors.append(exc)
+            for b in range(10):
+                assert all(f.result(20).committed for f in blind_puts(host, f"t{t}-{b}-", 5))
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
-        assert not errors, errors[0]
+        run_in_threads(work, 8, timeout=60)
         assert spy.batches == 0
         host.sync(10)
         assert sum(1 for _k, _v in host.range("t", "u")) == 400

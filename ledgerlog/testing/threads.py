@@ -1,4 +1,5 @@
-"""Threads a test session left running.
+"""Threads in tests: running a worker in several at once, and the ones a session left
+running.
 
 A test that starts a non-daemon thread and fails before stopping it keeps the pytest
 process alive after the last test: the run then hangs until CI's time limit, with no
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 
 def lingering_threads(grace: float) -> list[str]:
@@ -31,3 +33,24 @@ def lingering_threads(grace: float) -> list[str]:
         stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
         out.append(f"thread {thread.name!r} (non-daemon) is still running:\n{stack}")
     return out
+
+
+def run_in_threads(work: Callable[[int], None], count: int, timeout: float) -> None:
+    """Run ``work(0)`` .. ``work(count - 1)`` in threads at once, waiting up to `timeout`
+    seconds for each; re-raise the first exception any of them raised (an assertion
+    failing in a worker fails the test as it would in the test's own thread)."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    if errors:
+        raise errors[0]
