@@ -263,36 +263,6 @@ class Writer:
             return 0
         return term.state.epoch
 
-    def _records(
-        self, state: SequencerState, hlc: HLC, raws: list[msgspec.Raw], meta: bytes
-    ) -> list[bytes]:
-        """`raws` as records of at most max_record_txns / max_record_bytes, numbered from
-        ``state.next_seq`` on (which moves past them); `meta` goes with the last."""
-        records: list[bytes] = []
-        i = 0
-        while i < len(raws):
-            j = i
-            size = 0
-            while j < len(raws) and j - i < self.max_record_txns:
-                size += len(raws[j])
-                if size > self.max_record_bytes and j > i:
-                    break
-                j += 1
-            last = j == len(raws)
-            records.append(
-                encode_record(
-                    state.epoch,
-                    state.next_seq,
-                    hlc.now(),
-                    self.writer_id,
-                    raws[i:j],
-                    meta if last else b"",
-                )
-            )
-            state.next_seq += j - i
-            i = j
-        return records
-
     def _unpack(self, items: list[IntakeItem]) -> list[msgspec.Raw]:
         raws: list[msgspec.Raw] = []
         for it in items:
@@ -339,6 +309,36 @@ class _Term:
         self._appending = False
         self._closed = False
 
+    def _records(self, raws: list[msgspec.Raw], meta: bytes) -> list[bytes]:
+        """`raws` as records of at most the writer's max_record_txns / max_record_bytes,
+        numbered from ``state.next_seq`` on (which moves past them); `meta` goes with the
+        last."""
+        writer, state = self.writer, self.state
+        records: list[bytes] = []
+        i = 0
+        while i < len(raws):
+            j = i
+            size = 0
+            while j < len(raws) and j - i < writer.max_record_txns:
+                size += len(raws[j])
+                if size > writer.max_record_bytes and j > i:
+                    break
+                j += 1
+            last = j == len(raws)
+            records.append(
+                encode_record(
+                    state.epoch,
+                    state.next_seq,
+                    self.hlc.now(),
+                    writer.writer_id,
+                    raws[i:j],
+                    meta if last else b"",
+                )
+            )
+            state.next_seq += j - i
+            i = j
+        return records
+
     def append(
         self, raws: list[msgspec.Raw], items: list[IntakeItem], meta: bytes, done: list[LocalDone]
     ) -> None:
@@ -346,7 +346,7 @@ class _Term:
         if self.failed is not None:
             raise self.failed
         state = self.state
-        records = self.writer._records(state, self.hlc, raws, meta)
+        records = self._records(raws, meta)
         if meta:
             state.meta = meta
         state.hlc = self.hlc.last
