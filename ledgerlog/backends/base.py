@@ -207,6 +207,12 @@ class PendingAppend(abc.ABC):
         :meth:`LogWriter.append` would raise (FencedError, BackendError). TimeoutError
         when `timeout` passes first (the append is still pending)."""
 
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the append is done, at once if it is. It may run on a backend's
+        I/O thread, so it must be quick and must not block. This default calls it at
+        once: an append that can still be pending when it is returned overrides it."""
+        fn()
+
 
 class CompletedAppend(PendingAppend):
     """An append that already finished (the default :meth:`LogWriter.append_async`)."""

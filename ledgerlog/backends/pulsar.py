@@ -871,6 +871,7 @@ class _PendingSends(PendingAppend):
         self._deadline = deadline
         self._done = threading.Event()
         self._mutex = threading.Lock()
+        self._hooks: list[Callable[[], None]] | None = []
         if count <= 0:
             self._done.set()
 
@@ -894,14 +895,35 @@ class _PendingSends(PendingAppend):
                         self._writer._broken = self._writer._broken or str(result)
                 if self.pending <= 0 or self.error is not None:
                     self._done.set()
+            self._run_hooks()
         except BaseException:
             self._done.set()
+            self._run_hooks()
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        with self._mutex:
+            if self._hooks is not None and not self._done.is_set():
+                self._hooks.append(fn)
+                return
+        fn()
+
+    def _run_hooks(self) -> None:
+        if not self._done.is_set():
+            return
+        with self._mutex:
+            hooks, self._hooks = self._hooks, None
+        for fn in hooks or ():
+            try:
+                fn()
+            except Exception:  # on the client's I/O thread: must not escape
+                log.exception("append completion hook failed")
 
     def fail(self, error: Any) -> None:
         with self._mutex:
             if self.error is None:
                 self.error = error
             self._done.set()
+        self._run_hooks()
 
     def done(self) -> bool:
         return self._done.is_set()
