@@ -6,10 +6,11 @@ Pulsar, where appends really are in flight."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from test_client import ledger_decisions, open_client
 from test_local_submit import blind_puts, committed_once, counted
 
+import ledgerlog
 from ledgerlog.backends.base import PendingAppend
 from ledgerlog.backends.file import FileBackend, FileLogWriter
 from ledgerlog.codec import WireRecord, decode_entry
@@ -113,16 +115,25 @@ def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
         time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def first_in_flight(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ledgerlog.Client, Pipelined, list[Any]]]:
+    """A client hosting the elected writer, whose first append (3 puts, written) stays
+    in flight until the test lands it; yields the client, the log and those futures."""
+    log = Pipelined(monkeypatch)
+    with open_client(path, "host") as host:
+        host.wait_writer(10)
+        log.hold_next = True
+        yield host, log, blind_puts(host, "a", 3)
+
+
 def test_small_submissions_wait_for_the_append_in_flight_then_go_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "ledger"
-    log = Pipelined(monkeypatch)
-    with open_client(path, "host") as host:
-        host.wait_writer(10)
+    with first_in_flight(path, monkeypatch) as (host, log, first):
         spy = counted(host)
-        log.hold_next = True
-        first = blind_puts(host, "a", 3)
         before = log.count()
         held = [f for b in range(5) for f in blind_puts(host, f"b{b}-", 3)]
         time.sleep(0.2)
@@ -140,12 +151,7 @@ def test_small_submissions_wait_for_the_append_in_flight_then_go_together(
 
 
 def test_a_big_submission_does_not_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "ledger"
-    log = Pipelined(monkeypatch)
-    with open_client(path, "host") as host:
-        host.wait_writer(10)
-        log.hold_next = True
-        first = blind_puts(host, "a", 3)
+    with first_in_flight(tmp_path / "ledger", monkeypatch) as (host, log, first):
         before = log.count()
         small = blind_puts(host, "s", 3)
         big = blind_puts(host, "big", DEFAULT_GROUP_COMMIT_TXNS)
@@ -161,12 +167,8 @@ def test_a_failed_grouped_append_sends_every_submission_in_it_through_the_intake
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "ledger"
-    log = Pipelined(monkeypatch)
-    with open_client(path, "host") as host:
-        host.wait_writer(10)
+    with first_in_flight(path, monkeypatch) as (host, log, first):
         spy = counted(host)
-        log.hold_next = True
-        first = blind_puts(host, "a", 3)
         held = [f for b in range(4) for f in blind_puts(host, f"b{b}-", 2)]
         log.fail_next = True
         log.land()
@@ -187,19 +189,17 @@ def test_intake_submissions_are_held_too_and_their_position_goes_with_them(
     flight wait like local ones; the grouped record carries their intake position, so
     the next writer does not append them again."""
     path = tmp_path / "ledger"
-    log = Pipelined(monkeypatch)
-    with open_client(path, "host") as host:
-        host.wait_writer(10)
-        with open_client(path, "other", writer=None) as other:
-            log.hold_next = True
-            first = blind_puts(host, "a", 3)
-            before = log.count()
-            theirs = blind_puts(other, "o", 4)
-            time.sleep(0.3)  # the writer has read them from the intake by now
-            assert log.count() == before
-            log.land()
-            assert all(f.result(10).committed for f in first + theirs)
-            assert log.appends[before:] == [[4]]
+    with (
+        first_in_flight(path, monkeypatch) as (_host, log, first),
+        open_client(path, "other", writer=None) as other,
+    ):
+        before = log.count()
+        theirs = blind_puts(other, "o", 4)
+        time.sleep(0.3)  # the writer has read them from the intake by now
+        assert log.count() == before
+        log.land()
+        assert all(f.result(10).committed for f in first + theirs)
+        assert log.appends[before:] == [[4]]
     # A new writer (a new term) finds the intake consumed: nothing is appended twice
     # (a second copy would be decided again, as a duplicate).
     with open_client(path, "again") as again:
