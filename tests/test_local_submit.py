@@ -58,6 +58,12 @@ def blind_puts(client: ledgerlog.Client, prefix: str, n: int) -> list[Any]:
     return client.submit_many(txs)
 
 
+def hosting(client: ledgerlog.Client) -> None:
+    """Wait until `client`'s own writer serves (wait_writer returns as soon as the
+    replica sees the epoch start, a moment before its writer has read through it)."""
+    assert client.writer is not None and client.writer.elected.wait(10), "not elected"
+
+
 def committed_once(path: Path) -> Counter[str]:
     """How many times each transaction id was decided committed in the ledger."""
     decisions, reader = ledger_decisions(path)
@@ -68,8 +74,7 @@ def committed_once(path: Path) -> Counter[str]:
 def test_the_writers_own_client_skips_the_intake_and_others_do_not(tmp_path: Path) -> None:
     path = tmp_path / "ledger"
     with open_client(path, "host") as host, open_client(path, "guest", writer=None) as guest:
-        host.wait_writer(10)
-        assert host.writer is not None and host.writer.elected.is_set()
+        hosting(host)
         host_intake, guest_intake = counted(host), counted(guest)
         futs = blind_puts(host, "h", 50) + blind_puts(guest, "g", 50)
         assert all(f.result(10).committed for f in futs)
@@ -117,7 +122,7 @@ def test_a_failed_local_append_is_resubmitted_through_the_intake(
         return real(self, entries, state)
 
     with open_client(path, "host") as host:
-        host.wait_writer(10)
+        hosting(host)
         monkeypatch.setattr(FileLogWriter, "append_async", flaky)
         spy = counted(host)
         futs = blind_puts(host, "k", 30)
@@ -136,7 +141,7 @@ def test_a_failed_local_append_is_resubmitted_through_the_intake(
 def test_concurrent_local_submitters_share_records_and_all_commit(tmp_path: Path) -> None:
     path = tmp_path / "ledger"
     with open_client(path, "host", fsync=True) as host:
-        host.wait_writer(10)
+        hosting(host)
         spy = counted(host)
 
         def work(t: int) -> None:
@@ -177,7 +182,7 @@ def test_local_submissions_an_ack_lied_about_are_resubmitted_at_the_next_epoch(
         return real(self, entries, state)
 
     with open_client(path, "host") as host:
-        host.wait_writer(10)
+        hosting(host)
         first_epoch = host.reader.state.epoch
         monkeypatch.setattr(FileLogWriter, "append_async", lying)
         lost = blind_puts(host, "lost", 10)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from test_client import ledger_decisions, open_client
-from test_local_submit import blind_puts, committed_once, counted
+from test_local_submit import blind_puts, committed_once, counted, hosting
 
 import ledgerlog
 from ledgerlog.backends.base import PendingAppend
@@ -123,7 +123,7 @@ def first_in_flight(
     in flight until the test lands it; yields the client, the log and those futures."""
     log = Pipelined(monkeypatch)
     with open_client(path, "host") as host:
-        host.wait_writer(10)
+        hosting(host)
         log.hold_next = True
         yield host, log, blind_puts(host, "a", 3)
 
@@ -227,7 +227,7 @@ def test_stopping_appends_what_is_held(tmp_path: Path, monkeypatch: pytest.Monke
     log = Pipelined(monkeypatch)
     host = open_client(path, "host")
     try:
-        host.wait_writer(10)
+        hosting(host)
         log.hold_next = True
         first = blind_puts(host, "a", 3)
         held = blind_puts(host, "b", 3)
