@@ -243,3 +243,18 @@ def test_stopping_appends_what_is_held(tmp_path: Path, monkeypatch: pytest.Monke
         host.close()
     counts = committed_once(path)
     assert len(counts) == 6 and set(counts.values()) == {1}
+
+
+def test_the_flusher_thread_ends_with_the_term(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def flushers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("ledgerlog-group-")]
+
+    assert not flushers()
+    Pipelined(monkeypatch)
+    with open_client(tmp_path / "ledger", "host") as host:
+        hosting(host)
+        assert len(flushers()) == 1
+        assert all(f.result(10).committed for f in blind_puts(host, "k", 3))
+    _wait_for(lambda: not flushers(), "the flusher outlived its term")

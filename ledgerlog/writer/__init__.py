@@ -225,15 +225,16 @@ class Writer:
         self.next_seq = state.next_seq
         intake = lw.intake(state.meta)
         term = _Term(self, lw, state, intake)
-        log_ = self._log.bind(epoch=state.epoch)
-        log_.info("serving", next_seq=state.next_seq)
-        metrics.WRITER_EPOCH.labels(self.backend.ledger).set(state.epoch)
-        self._term = term
-        self.elected.set()
-        if self.on_elected is not None:
-            self.on_elected(state.epoch)
-        depth = max(1, lw.max_pending_appends)
+        # From here the term is closed whatever happens (its flusher thread waits for it).
         try:
+            log_ = self._log.bind(epoch=state.epoch)
+            log_.info("serving", next_seq=state.next_seq)
+            metrics.WRITER_EPOCH.labels(self.backend.ledger).set(state.epoch)
+            self._term = term
+            self.elected.set()
+            if self.on_elected is not None:
+                self.on_elected(state.epoch)
+            depth = max(1, lw.max_pending_appends)
             last_check = time.monotonic()
             while not self._stop.is_set():
                 with term.lock:
@@ -348,8 +349,10 @@ class _Term:
             self._landed.set()
 
     def _flush_loop(self) -> None:
+        # No timeout: every landing with something held sets the event, close() does,
+        # and the serving thread flushes after each retire anyway.
         while True:
-            self._landed.wait(0.1)
+            self._landed.wait()
             self._landed.clear()
             with self.lock:
                 if self._closed or self.failed is not None:
