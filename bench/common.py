@@ -304,6 +304,97 @@ class FsyncProbe:
         return [1000 * max(syncs[k]) if k in syncs else float("nan") for k in windows]
 
 
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each thread of `pid`, by thread name (``comm``)."""
+    task_dir = f"/proc/{pid}/task"
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def jvm_thread_kind(name: str) -> str:
+    """``jit`` for HotSpot's compiler threads, ``gc`` for the collectors' (ZGC's all start
+    with Z, G1's and the others' with "GC Thread" or "G1 "), ``other`` for the rest."""
+    if name.startswith(("C1 Compiler", "C2 Compiler")):
+        return "jit"
+    if name.startswith(("Z", "GC Thread", "G1 ")):
+        return "gc"
+    return "other"
+
+
+class JvmBursts:
+    """Samples, each `interval` seconds while it runs, how much of a core JVM `pid`'s JIT
+    compiler threads and garbage-collector threads used (see :func:`jvm_thread_kind`).
+
+    Beside the per-second commit-latency p99 it tells a second the broker spent compiling
+    or collecting from one it did not: work of its own that the clients' commits queued
+    behind, whatever the JIT warm-up said before the run."""
+
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
+        self.pid = pid
+        self.interval = interval
+        #: (seconds since start at the middle of each interval, {"jit": cores, "gc": cores}).
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _totals(self) -> dict[str, float]:
+        totals = {"jit": 0.0, "gc": 0.0, "other": 0.0}
+        for name, seconds in _thread_cpu(self.pid).items():
+            totals[jvm_thread_kind(name)] += seconds
+        return totals
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.samples = []
+        self._thread = threading.Thread(target=self._run, name="jvm-bursts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        started = last_t = time.perf_counter()
+        last = self._totals()
+        stopping = False
+        while not stopping:
+            stopping = self._stop.wait(self.interval)
+            now, totals = time.perf_counter(), self._totals()
+            took = now - last_t
+            if stopping and took < self.interval / 4:
+                break  # too short a tail to say anything
+            self.samples.append(
+                (
+                    (last_t + now) / 2 - started,
+                    {k: (totals[k] - last[k]) / took for k in ("jit", "gc")},
+                )
+            )
+            last, last_t = totals, now
+
+    def window(self, kind: str, windows: Iterable[int], width: float = 1.0) -> list[float]:
+        """Cores `kind` ("jit" or "gc") used in each of these `width`-second windows (as
+        :func:`by_window` numbers them; a sample counts in the window its interval's
+        middle falls in); nan where none does."""
+        by = by_window(((t, used[kind]) for t, used in self.samples), width)
+        return [max(by[k]) if k in by else float("nan") for k in windows]
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, to print beside figures (others share the machine)."""
     with open("/proc/loadavg") as f:

@@ -35,6 +35,7 @@ from typing import Any
 
 from bench.common import (
     FsyncProbe,
+    JvmBursts,
     MachineLoad,
     account_keys,
     jit_cpu_seconds,
@@ -347,10 +348,12 @@ def _run_clients(
     seconds: float,
     load: MachineLoad | None = None,
     disk: FsyncProbe | None = None,
+    jvm: JvmBursts | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Run the clients; `load` and `disk`, if given, measure the machine and the disk
-    over the go-to-results window (not the clients' start-up and catch-up)."""
-    meters = [m for m in (load, disk) if m is not None]
+    """Run the clients; `load`, `disk` and `jvm`, if given, measure the machine, the disk
+    and the broker's JIT and GC over the go-to-results window (not the clients' start-up
+    and catch-up)."""
+    meters = [m for m in (load, disk, jvm) if m is not None]
 
     def start() -> None:
         for m in meters:
@@ -452,7 +455,10 @@ def main(
         load = MachineLoad([os.getpid()], parts)
         # Beside the bookie's journal (same directory tree, same filesystem).
         disk = FsyncProbe(broker.data_dir)
-        paced, _ = _run_clients(url, clients, "paced", target_rate / clients, seconds, load, disk)
+        jvm = JvmBursts(broker.pid)
+        paced, _ = _run_clients(
+            url, clients, "paced", target_rate / clients, seconds, load, disk, jvm
+        )
     lat = sorted(x for r in paced for x in r["latencies"])
     paced_rate = sum(r["committed"] for r in paced) / seconds
     p50, p99 = 1000 * _pct(lat, 0.50), 1000 * _pct(lat, 0.99)
@@ -498,6 +504,12 @@ def main(
             f"{1000 * _pct(syncs, 0.5):.1f} ms, max {1000 * syncs[-1]:.0f} ms; slowest of each "
             f"second: {' '.join(f'{w:.0f}' for w in disk_worst)} ms"
         )
+    if jvm.samples:
+        jit, gc = jvm.window("jit", p99s), jvm.window("gc", p99s)
+        print(
+            "broker's JIT compilers and garbage collector in each second (cores): "
+            f"JIT {' '.join(f'{w:.2f}' for w in jit)}; GC {' '.join(f'{w:.2f}' for w in gc)}"
+        )
     paced_cost = _cpu_per_txn(load, sum(r["committed"] for r in paced))
     peak_cost = _cpu_per_txn(peak_load, committed)
     cpu_us = paced_cost["total"]
@@ -538,6 +550,8 @@ def main(
             "p99_ms": p99,
             "window_p99_ms": windows,
             "disk_sync_worst_ms_by_second": disk_worst,
+            "broker_jit_cores_by_second": jvm.window("jit", p99s),
+            "broker_gc_cores_by_second": jvm.window("gc", p99s),
             "machine_busy": load.busy,
             "cpu_us_per_txn": cpu_us,
             "cpu_us_per_txn_by_part": paced_cost,

@@ -6,12 +6,21 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from bench.common import FsyncProbe, MachineLoad, cpu_ticks, pct, window_p99
+from bench.common import (
+    FsyncProbe,
+    JvmBursts,
+    MachineLoad,
+    cpu_ticks,
+    jvm_thread_kind,
+    pct,
+    window_p99,
+)
 from bench.pulsar_bench import _cpu_per_txn, _describe_cost, _due_times
 
 
@@ -53,6 +62,44 @@ def test_fsync_probe_reports_the_slowest_sync_of_each_window() -> None:
     assert worst[0] == pytest.approx(30.0) and worst[2] == pytest.approx(4.0)
     assert math.isnan(worst[1]), "a second without a sample says so"
     assert probe.window_max([0]) == [pytest.approx(1.0)]
+
+
+def test_jvm_thread_kinds() -> None:
+    assert jvm_thread_kind("C2 CompilerThre") == "jit"
+    assert jvm_thread_kind("C1 CompilerThre") == "jit"
+    assert jvm_thread_kind("ZWorkerOld#0") == "gc"
+    assert jvm_thread_kind("GC Thread#1") == "gc"
+    assert jvm_thread_kind("G1 Conc#0") == "gc"
+    assert jvm_thread_kind("pulsar-io-4-1") == "other"
+
+
+def test_jvm_bursts_counts_a_busy_thread_named_like_a_compiler() -> None:
+    """A thread of this process renamed (its /proc comm) as HotSpot names a compiler
+    thread, spinning for about half a second: the sampler sees most of a core of "jit"
+    in the windows it spun in, and no "gc"."""
+    stop = threading.Event()
+    named = threading.Event()
+
+    def spin() -> None:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write("C2 CompilerThre")
+        named.set()
+        while not stop.is_set():
+            sum(range(1000))
+
+    bursts = JvmBursts(os.getpid(), interval=0.25)
+    bursts.start()
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    assert named.wait(5)
+    time.sleep(1.1)
+    stop.set()
+    spinner.join(5)
+    bursts.stop()
+    jit = bursts.window("jit", range(8), width=0.25)
+    gc = bursts.window("gc", range(8), width=0.25)
+    assert max(w for w in jit if not math.isnan(w)) > 0.3
+    assert all(w == 0 for w in gc if not math.isnan(w))
 
 
 def test_pct_of_nothing_is_nan() -> None:
