@@ -246,7 +246,34 @@ class MachineLoad:
         return self.cpu_seconds - sum(self.part_seconds.values())
 
 
-class FsyncProbe:
+class _Sampler:
+    """A daemon thread running :meth:`_run` from :meth:`start` until :meth:`stop`, which
+    appends to :attr:`samples` (emptied at each start)."""
+
+    THREAD_NAME = "sampler"
+
+    def __init__(self) -> None:
+        self.samples: list[Any] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.samples = []
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class FsyncProbe(_Sampler):
     """A thread writing 4 KB to a file in `directory` and ``fdatasync``-ing it every
     `interval` seconds, timing each sync, while it runs (:meth:`start` to :meth:`stop`).
 
@@ -257,26 +284,17 @@ class FsyncProbe:
     `interval` to the disk it measures."""
 
     SIZE = 4096
+    THREAD_NAME = "fsync-probe"
 
     def __init__(self, directory: str | os.PathLike[str], interval: float = 0.01) -> None:
+        super().__init__()
         self.path = Path(directory) / f"fsync-probe-{os.getpid()}"
         self.interval = interval
         #: (seconds since start, seconds the fdatasync took), in order.
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self.samples = []
-        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        super().stop()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -304,15 +322,16 @@ class FsyncProbe:
         return [1000 * max(syncs[k]) if k in syncs else float("nan") for k in windows]
 
 
-def _thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds used so far by each thread of `pid`, by thread name (``comm``)."""
+def _thread_cpu(pid: int) -> dict[str, float] | None:
+    """CPU seconds used so far by the threads of `pid`, summed by thread name (``comm``);
+    None where ``/proc`` does not show its threads."""
     task_dir = f"/proc/{pid}/task"
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     try:
         tids = os.listdir(task_dir)
     except OSError:
-        return out
+        return None
     for tid in tids:
         try:
             with open(f"{task_dir}/{tid}/stat") as f:
@@ -335,7 +354,7 @@ def jvm_thread_kind(name: str) -> str:
     return "other"
 
 
-class JvmBursts:
+class JvmBursts(_Sampler):
     """Samples, each `interval` seconds while it runs, how much of a core JVM `pid`'s JIT
     compiler threads and garbage-collector threads used (see :func:`jvm_thread_kind`).
 
@@ -343,31 +362,20 @@ class JvmBursts:
     or collecting from one it did not: work of its own that the clients' commits queued
     behind, whatever the JIT warm-up said before the run."""
 
+    THREAD_NAME = "jvm-bursts"
+
     def __init__(self, pid: int, interval: float = 1.0) -> None:
+        super().__init__()
         self.pid = pid
         self.interval = interval
         #: (seconds since start at the middle of each interval, {"jit": cores, "gc": cores}).
         self.samples: list[tuple[float, dict[str, float]]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def _totals(self) -> dict[str, float]:
         totals = {"jit": 0.0, "gc": 0.0, "other": 0.0}
-        for name, seconds in _thread_cpu(self.pid).items():
+        for name, seconds in (_thread_cpu(self.pid) or {}).items():
             totals[jvm_thread_kind(name)] += seconds
         return totals
-
-    def start(self) -> None:
-        self._stop.clear()
-        self.samples = []
-        self._thread = threading.Thread(target=self._run, name="jvm-bursts", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
 
     def _run(self) -> None:
         started = last_t = time.perf_counter()
@@ -406,21 +414,7 @@ def jit_cpu_seconds(pid: int) -> float | None:
     them ``C1 CompilerThre...``/``C2 CompilerThre...``), or None where ``/proc`` does not
     show threads. A freshly started broker keeps compiling under load for a minute or
     more; benchmarks warm up until this stops growing."""
-    task_dir = f"/proc/{pid}/task"
-    try:
-        tids = os.listdir(task_dir)
-    except OSError:
+    threads = _thread_cpu(pid)
+    if threads is None:
         return None
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for tid in tids:
-        try:
-            with open(f"{task_dir}/{tid}/comm") as f:
-                if not f.read().startswith(("C1 Compiler", "C2 Compiler")):
-                    continue
-            with open(f"{task_dir}/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended meanwhile
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    return sum(cpu for name, cpu in threads.items() if jvm_thread_kind(name) == "jit")

@@ -17,6 +17,7 @@ from bench.common import (
     JvmBursts,
     MachineLoad,
     cpu_ticks,
+    jit_cpu_seconds,
     jvm_thread_kind,
     pct,
     window_p99,
@@ -87,12 +88,14 @@ def test_jvm_bursts_counts_a_busy_thread_named_like_a_compiler() -> None:
         while not stop.is_set():
             sum(range(1000))
 
+    jit_before = jit_cpu_seconds(os.getpid())
     bursts = JvmBursts(os.getpid(), interval=0.25)
     bursts.start()
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     assert named.wait(5)
     time.sleep(1.1)
+    jit_after = jit_cpu_seconds(os.getpid())  # while the thread still exists
     stop.set()
     spinner.join(5)
     bursts.stop()
@@ -100,6 +103,8 @@ def test_jvm_bursts_counts_a_busy_thread_named_like_a_compiler() -> None:
     gc = bursts.window("gc", range(8), width=0.25)
     assert max(w for w in jit if not math.isnan(w)) > 0.3
     assert all(w == 0 for w in gc if not math.isnan(w))
+    assert jit_before is not None and jit_after is not None
+    assert jit_after - jit_before > 0.3
 
 
 def test_pct_of_nothing_is_nan() -> None:
