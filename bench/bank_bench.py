@@ -51,7 +51,6 @@ import os
 import random
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +68,7 @@ from bench.common import (
     tree_cpu_seconds,
     writer_process,
 )
+from ledgerlog.testing.threads import run_in_threads
 
 TARGET_RATIO = 5.0
 RETRIES = 100  # per transfer, on every system; a transfer that runs out counts as given up
@@ -193,21 +193,11 @@ class _ServerCpu:
 
 def _in_threads(n: int, work: Callable[[int], Tally]) -> Tally:
     out: list[Tally] = [Tally() for _ in range(n)]
-    errors: list[BaseException] = []
 
     def run(i: int) -> None:
-        try:
-            out[i] = work(i)
-        except BaseException as exc:
-            errors.append(exc)
+        out[i] = work(i)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    run_in_threads(run, n, timeout=None)
     total = Tally()
     for t in out:
         total.merge(t)

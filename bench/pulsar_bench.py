@@ -504,8 +504,8 @@ def main(
             f"{1000 * _pct(syncs, 0.5):.1f} ms, max {1000 * syncs[-1]:.0f} ms; slowest of each "
             f"second: {' '.join(f'{w:.0f}' for w in disk_worst)} ms"
         )
+    jit, gc = jvm.window("jit", p99s), jvm.window("gc", p99s)
     if jvm.samples:
-        jit, gc = jvm.window("jit", p99s), jvm.window("gc", p99s)
         print(
             "broker's JIT compilers and garbage collector in each second (cores): "
             f"JIT {' '.join(f'{w:.2f}' for w in jit)}; GC {' '.join(f'{w:.2f}' for w in gc)}"
@@ -550,8 +550,8 @@ def main(
             "p99_ms": p99,
             "window_p99_ms": windows,
             "disk_sync_worst_ms_by_second": disk_worst,
-            "broker_jit_cores_by_second": jvm.window("jit", p99s),
-            "broker_gc_cores_by_second": jvm.window("gc", p99s),
+            "broker_jit_cores_by_second": jit,
+            "broker_gc_cores_by_second": gc,
             "machine_busy": load.busy,
             "cpu_us_per_txn": cpu_us,
             "cpu_us_per_txn_by_part": paced_cost,

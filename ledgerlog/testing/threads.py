@@ -35,10 +35,11 @@ def lingering_threads(grace: float) -> list[str]:
     return out
 
 
-def run_in_threads(work: Callable[[int], None], count: int, timeout: float) -> None:
+def run_in_threads(work: Callable[[int], None], count: int, timeout: float | None) -> None:
     """Run ``work(0)`` .. ``work(count - 1)`` in threads at once, waiting up to `timeout`
-    seconds for each; re-raise the first exception any of them raised (an assertion
-    failing in a worker fails the test as it would in the test's own thread)."""
+    seconds for each (None: until it ends); re-raise the first exception any of them
+    raised (an assertion failing in a worker fails the test as it would in the test's
+    own thread)."""
     errors: list[BaseException] = []
 
     def guarded(i: int) -> None:
