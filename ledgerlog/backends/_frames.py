@@ -81,19 +81,21 @@ def _next_valid(buf: bytes, mv: memoryview, start: int) -> int:
         nxt += 1
 
 
-def parse(buf: bytes, base: int) -> tuple[list[Frame], int]:
+def parse(buf: bytes, base: int, max_frames: int | None = None) -> tuple[list[Frame], int]:
     """Parse frames from ``buf`` (file bytes starting at file offset ``base``).
 
     Returns the frames and the offset where parsing stopped: everything before it is
-    decided for good; what follows is an unfinished frame (or nothing). A corrupt region
-    is returned as one F_BAD frame, but only once a valid frame follows it, because until
+    decided for good; what follows is an unfinished frame (or nothing), or, once
+    `max_frames` frames are parsed, frames left for the next call. A corrupt region is
+    returned as one F_BAD frame, but only once a valid frame follows it, because until
     then it may be a frame still being written (or a torn tail a recovering writer will
     truncate)."""
     frames: list[Frame] = []
     pos = 0
     n = len(buf)
     mv = memoryview(buf)
-    while pos < n:
+    limit = n if max_frames is None else max_frames
+    while pos < n and len(frames) < limit:
         end = _valid_at(mv, pos)
         if end > 0:
             ftype = mv[pos + 4]
@@ -114,8 +116,14 @@ def parse(buf: bytes, base: int) -> tuple[list[Frame], int]:
 CHUNK: Final = 4 * 1024 * 1024
 
 
-def read_frames(fd: int, offset: int, max_bytes: int = CHUNK) -> tuple[list[Frame], int, int]:
-    """Frames from file offset `offset`: (frames, stop offset, file size seen)."""
+def read_frames(
+    fd: int, offset: int, max_bytes: int = CHUNK, max_frames: int | None = None
+) -> tuple[list[Frame], int, int]:
+    """Frames from file offset `offset`: (frames, stop offset, file size seen).
+
+    `max_frames` bounds the parsing (CRCs, copies) to what the caller will use: a chunk
+    of small frames holds tens of thousands, and a reader asking for a few must not pay
+    for all of them on every call."""
     size = os.fstat(fd).st_size
     if size <= offset:
         return [], offset, size
@@ -132,5 +140,5 @@ def read_frames(fd: int, offset: int, max_bytes: int = CHUNK) -> tuple[list[Fram
         else:
             want = max_bytes
     buf = os.pread(fd, want, offset)
-    frames, stop = parse(buf, offset)
+    frames, stop = parse(buf, offset, max_frames)
     return frames, stop, size

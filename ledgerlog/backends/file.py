@@ -267,7 +267,11 @@ class _ChainCursor:
             if not self._open():
                 return out
             assert self._fd is not None
-            frames, stop, size = fr.read_frames(self._fd, self.offset)
+            # Parse no more than could be returned: one frame past what is still
+            # wanted, plus room for a header or seal frame before them.
+            frames, stop, size = fr.read_frames(
+                self._fd, self.offset, max_frames=max_entries - len(out) + 2
+            )
             self.size_seen = size
             self.stalled = stop < size
             sealed_to = 0
