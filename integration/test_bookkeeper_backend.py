@@ -29,6 +29,7 @@ from bk_helpers import (
 )
 
 from ledgerlog.backends.bookkeeper import BookKeeperBackend, GatewayFailedError, ZooKeeperError
+from ledgerlog.devservers._common import pause_process
 from ledgerlog.errors import ConfigError, FencedError
 from ledgerlog.model import START, Outcome
 from ledgerlog.validator import SequencerState
@@ -286,7 +287,7 @@ def test_paused_zookeeper_is_a_typed_error_then_the_ledger_goes_on(local_bookkee
         assert w.elected.wait(30)
         for i in range(20):
             submit(producer, "client", i)
-        os.kill(zk_pid, signal.SIGSTOP)
+        pause_process(zk_pid)  # returns once it is stopped: no reply is left in flight
         try:
             t = time.monotonic()
             with pytest.raises(ZooKeeperError):

@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("py4j")
 from py4j.protocol import Py4JJavaError
 
+from ledgerlog.devservers._common import pause_process
 from ledgerlog.devservers.bookkeeper import (
     GatewayError,
     GatewayProcess,
@@ -238,8 +239,7 @@ def test_dead_or_stuck_gateway_raises(classpath: str) -> None:
         ep = gp.entry_point
         assert ep.ping() == "ok"
         assert gp.pid is not None
-        os.kill(gp.pid, signal.SIGSTOP)
-        time.sleep(0.3)  # SIGSTOP lands asynchronously
+        pause_process(gp.pid)
         try:
             t = time.monotonic()
             with pytest.raises(GatewayError, match="did not answer"):

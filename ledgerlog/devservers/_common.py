@@ -1,5 +1,5 @@
-"""What the dev servers share: the cache directory, free loopback ports, and tying a
-server's life to its launcher's."""
+"""What the dev servers share: the cache directory, free loopback ports, tying a
+server's life to its launcher's, and pausing one for fault tests."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,3 +56,39 @@ def parent_death_signal(sig: int = signal.SIGKILL) -> Callable[[], None]:
             _LIBC.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
 
     return arm
+
+
+def _all_stopped(pid: int) -> bool:
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        raise ProcessLookupError(f"process {pid} is gone") from None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue  # a thread that just exited
+        state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
+        if state not in (b"T", b"t", b"Z", b"X"):
+            return False
+    return True
+
+
+def pause_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP `pid` and return once every thread of it has stopped.
+
+    The signal lands asynchronously: right after ``kill`` returns, a thread of a busy
+    machine's server can still run, and answer a request sent at once (a ZooKeeper read
+    issued just after a SIGSTOP was seen to succeed). Fault tests that pause a server to
+    see requests go unanswered call this rather than ``os.kill``. Elsewhere than Linux
+    (no ``/proc``) it waits a fixed 0.3 s instead."""
+    os.kill(pid, signal.SIGSTOP)
+    if not os.path.isdir("/proc/self/task"):
+        time.sleep(0.3)
+        return
+    deadline = time.monotonic() + timeout
+    while not _all_stopped(pid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} still running {timeout} s after SIGSTOP")
+        time.sleep(0.001)

@@ -48,7 +48,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from ledgerlog.devservers._common import cache_dir, free_loopback_ports, parent_death_signal
+from ledgerlog.devservers._common import (
+    cache_dir,
+    free_loopback_ports,
+    parent_death_signal,
+    pause_process,
+)
 
 __all__ = [
     "LocalPulsar",
@@ -551,8 +556,9 @@ class LocalPulsar:
         self._terminate(graceful=False)
 
     def pause(self) -> None:
-        """SIGSTOP the JVM: connections stay open but nothing answers (a stalled broker)."""
-        os.kill(self.pid, signal.SIGSTOP)
+        """SIGSTOP the JVM: connections stay open but nothing answers (a stalled broker).
+        Returns once every thread of it has stopped."""
+        pause_process(self.pid)
 
     def resume(self) -> None:
         """SIGCONT a paused JVM."""
