@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ledgerlog.devservers._common import thread_stats
+
 
 def quiet() -> None:
     """Warnings and errors only: per-connection INFO lines would swamp the figures."""
@@ -325,21 +327,13 @@ class FsyncProbe(_Sampler):
 def _thread_cpu(pid: int) -> dict[str, float] | None:
     """CPU seconds used so far by the threads of `pid`, summed by thread name (``comm``);
     None where ``/proc`` does not show its threads."""
-    task_dir = f"/proc/{pid}/task"
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
     try:
-        tids = os.listdir(task_dir)
+        threads = thread_stats(pid)
     except OSError:
         return None
-    for tid in tids:
-        try:
-            with open(f"{task_dir}/{tid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue  # the thread ended meanwhile
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
+    out: dict[str, float] = {}
+    for name, fields in threads:
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 

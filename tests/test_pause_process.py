@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ledgerlog.devservers._common import pause_process
+from ledgerlog.devservers._common import pause_process, thread_stats
 
 # Four threads spinning on the CPU: each must be caught by the stop.
 _BUSY = """
@@ -27,12 +27,7 @@ spin()
 
 
 def _states(pid: int) -> list[str]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            stat = f.read()
-        out.append(stat[stat.rindex(")") + 2])
-    return out
+    return [fields[0] for _name, fields in thread_stats(pid)]
 
 
 def _cpu_ticks(pid: int) -> int:

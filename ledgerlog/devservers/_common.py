@@ -58,21 +58,29 @@ def parent_death_signal(sig: int = signal.SIGKILL) -> Callable[[], None]:
     return arm
 
 
+def thread_stats(pid: int) -> list[tuple[str, list[str]]]:
+    """Each thread of `pid` as (name, the fields of its ``/proc/<pid>/task/<tid>/stat``
+    after the name: the state first, utime and stime at 11 and 12). Raises OSError if
+    ``/proc`` shows no such process; a thread that ends meanwhile is left out."""
+    task_dir = f"/proc/{pid}/task"
+    out = []
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/stat", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1 :].rsplit(")", 1)
+        out.append((name, fields.split()))
+    return out
+
+
 def _all_stopped(pid: int) -> bool:
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        threads = thread_stats(pid)
     except FileNotFoundError:
         raise ProcessLookupError(f"process {pid} is gone") from None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except FileNotFoundError:
-            continue  # a thread that just exited
-        state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
-        if state not in (b"T", b"t", b"Z", b"X"):
-            return False
-    return True
+    return all(fields[0] in ("T", "t", "Z", "X") for _name, fields in threads)
 
 
 def pause_process(pid: int, timeout: float = 10.0) -> None:
