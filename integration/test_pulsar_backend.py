@@ -433,6 +433,58 @@ def test_positions_survive_missing_entries_and_ledger_rollover(local_pulsar: Any
         backend.close()
 
 
+class _CountingReader:
+    """A pulsar Reader that counts the reads that found nothing (each one a Timeout
+    raised through the binding)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.empty = 0
+
+    def read_next(self, timeout_ms: int) -> Any:
+        import pulsar
+
+        try:
+            return self.inner.read_next(timeout_ms)
+        except pulsar.Timeout:
+            self.empty += 1
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_tailing_read_returns_what_it_waited_for_without_asking_for_more(
+    local_pulsar: Any,
+) -> None:
+    backend = PulsarBackend(local_pulsar.service_url, f"tail-{uuid.uuid4().hex[:10]}")
+    try:
+        lw = backend.campaign("w", timeout=30)
+        r = backend.reader(START)
+        counting = _CountingReader(r._reader)  # type: ignore[attr-defined]
+        r._reader = counting  # type: ignore[attr-defined]
+        # Each entry appended while the reader waits arrives alone: the read returns it
+        # without a read_next(0) that would find the queue empty (and raise).
+        got = []
+        for i in range(5):
+            later = threading.Timer(0.2, lw.append, ([f"t{i}".encode()], b""))
+            later.start()
+            got.extend(r.read(16, timeout=10))
+            later.join()
+        assert [e.data for e in got] == [f"t{i}".encode() for i in range(5)]
+        assert counting.empty == 0
+        # Entries already queued are all taken by one read, which stops at the first
+        # read_next(0) that finds nothing.
+        lw.append([f"q{i}".encode() for i in range(5)], b"")
+        time.sleep(2)
+        assert [e.data for e in r.read(16, timeout=10)] == [f"q{i}".encode() for i in range(5)]
+        assert counting.empty == 1
+        r.close()
+        lw.close()
+    finally:
+        backend.close()
+
+
 def test_pipelined_appends_of_a_fenced_writer_all_fail(local_pulsar: Any) -> None:
     ledger = f"pipe-{uuid.uuid4().hex[:10]}"
     a = PulsarBackend(local_pulsar.service_url, ledger, lease_timeout=LEASE)

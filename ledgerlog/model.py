@@ -213,7 +213,7 @@ class EpochStart:
     hlc: int
 
 
-@attrs.frozen(order=True)
+@attrs.frozen
 class Position:
     """Where an entry sits in a backend's log. Two integers cover every backend
     (file: segment and offset; Pulsar: ledger and entry id; BookKeeper: ledger index and
@@ -221,6 +221,29 @@ class Position:
 
     major: int
     minor: int
+
+    # Ordered by hand, not with attrs' order=True: readers compare positions a few
+    # times per entry read, and attrs' generic comparison (a tuple of the fields built
+    # through getattr, per operand) took ~4 us a time here, ten times these.
+    def __lt__(self, other: Position) -> bool:
+        if other.__class__ is not Position:
+            return NotImplemented
+        return (self.major, self.minor) < (other.major, other.minor)
+
+    def __le__(self, other: Position) -> bool:
+        if other.__class__ is not Position:
+            return NotImplemented
+        return (self.major, self.minor) <= (other.major, other.minor)
+
+    def __gt__(self, other: Position) -> bool:
+        if other.__class__ is not Position:
+            return NotImplemented
+        return (self.major, self.minor) > (other.major, other.minor)
+
+    def __ge__(self, other: Position) -> bool:
+        if other.__class__ is not Position:
+            return NotImplemented
+        return (self.major, self.minor) >= (other.major, other.minor)
 
     def __str__(self) -> str:
         return f"{self.major}:{self.minor}"

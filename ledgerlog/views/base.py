@@ -39,9 +39,11 @@ Applied = Sequence[tuple[int, WireTxn]]
 
 def carry_snapshot(old: Checkpoint | None, new: Checkpoint) -> Checkpoint:
     """`new`, keeping `old`'s validator snapshot when `new` carries none."""
-    if new.validator_state or old is None:
+    # Once per applied batch: a plain constructor call (attrs.evolve introspects the
+    # class each time), and none while neither carries a snapshot.
+    if new.validator_state or old is None or not old.validator_state:
         return new
-    return attrs.evolve(new, validator_state=old.validator_state)
+    return Checkpoint(new.position, new.next_seq, new.digest, old.validator_state)
 
 
 def check_batch(name: str, applied: Applied, next_seq: int, checkpoint: Checkpoint) -> None:
