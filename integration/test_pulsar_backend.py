@@ -52,7 +52,7 @@ from ledgerlog.errors import (
 from ledgerlog.model import START, Outcome, Position
 from ledgerlog.reader import Reader
 from ledgerlog.testing.threads import run_in_threads
-from ledgerlog.validator import EntryResult, ValidatorState, process_entry
+from ledgerlog.validator import EntryResult, SequencerState, ValidatorState, process_entry
 from ledgerlog.views.memory import MemoryView
 
 pytest.importorskip("pulsar")
@@ -483,6 +483,89 @@ def test_a_tailing_read_returns_what_it_waited_for_without_asking_for_more(
         lw.close()
     finally:
         backend.close()
+
+
+def _scan(backend: PulsarBackend, start: Position, state: SequencerState) -> tuple[bytes, int]:
+    """The sequencer state at the ledger's end, scanning from `start` with `state` (what
+    an election does), and how many entries that read."""
+    end = backend.end()
+    seen = 0
+    with backend.reader(start) as r:
+        while not r.caught_up(end):
+            for e in r.read(4096, timeout=1):
+                state.advance(e.data)
+                seen += 1
+    return state.to_bytes(), seen
+
+
+def _commit_in_appends(db: ledgerlog.Client, appends: int, tag: str) -> None:
+    """`appends` submissions of 5 transactions, one after the other (an append each)."""
+    for a in range(appends):
+        txs = []
+        for i in range(5):
+            tx = db.transaction()
+            tx.put(f"{tag}/{a}/{i}", a * 5 + i)
+            txs.append(tx)
+        assert all(f.result(60).committed for f in db.submit_many(txs))
+
+
+def _restart_checked(url: str) -> tuple[Position, int]:
+    """The restart point a new writer gets; asserts that scanning on from it reaches the
+    state a scan of the whole ledger does. Returns it and the entries scanned from it."""
+    backend = PulsarBackend.from_url(url)
+    try:
+        whole, _ = _scan(backend, START, SequencerState())
+        with backend.campaign("next", timeout=30) as lw:
+            position, raw = lw.recovery_point()
+        assert raw is not None, "the newest message carries no restart point"
+        from_point, scanned = _scan(backend, position, SequencerState.from_bytes(raw))
+        assert from_point == whole
+        return position, scanned
+    finally:
+        backend.close()
+
+
+def test_a_new_writer_scans_on_from_the_newest_messages_restart_point(url: str) -> None:
+    url = f"{url}?lease_timeout={LEASE}"
+    with ledgerlog.open(url, client_id="first", timeout=60) as db:
+        db.wait_writer(60)
+        _commit_in_appends(db, 40, "a")
+    position, scanned = _restart_checked(url)
+    assert scanned <= 3, f"scanned {scanned} entries from {position}"
+    # The next writer takes over from there: its records follow on, nothing rejected.
+    with ledgerlog.open(url, client_id="second", timeout=60) as db:
+        db.wait_writer(60)
+        _commit_in_appends(db, 2, "b")
+    reader, view, backend = replica(url)
+    try:
+        assert reader.last_seq == 42 * 5
+        assert view.get("b/1/4") == 9
+    finally:
+        reader.close()
+        backend.close()
+
+
+def test_the_restart_point_follows_the_topic_into_a_new_bookkeeper_ledger(
+    local_pulsar: Any,
+) -> None:
+    ledger = f"roll-{uuid.uuid4().hex[:10]}"
+    url = f"{local_pulsar.service_url}/public/default/{ledger}?lease_timeout={LEASE}"
+    with ledgerlog.open(url, client_id="first", timeout=60) as db:
+        db.wait_writer(60)
+        _commit_in_appends(db, 10, "a")
+        before = PulsarBackend.from_url(url)
+        try:
+            old_ledger = before.end().major
+        finally:
+            before.close()
+        _unload(local_pulsar.admin_url, ledger)
+        _commit_in_appends(db, 10, "b")
+        # The lease thread checks what follows the old ledger's last proven entry.
+        time.sleep(LEASE)
+        _commit_in_appends(db, 3, "c")
+    position, scanned = _restart_checked(url)
+    assert position.major > old_ledger, f"restart point {position} is still in {old_ledger}"
+    assert scanned <= 3, f"scanned {scanned} entries from {position}"
 
 
 def test_pipelined_appends_of_a_fenced_writer_all_fail(local_pulsar: Any) -> None:
