@@ -286,11 +286,11 @@ class _RestartChain:
     previous one ended, its messages one after another, holds only this writer's own
     records, which readers all accept, so the state the writer passed with it is the
     state after it. An append that lands elsewhere (the topic moved to a new BookKeeper
-    ledger, or something came in between) leaves a gap that the lease thread checks by
-    reading what follows the last proven point (:meth:`gap`, :meth:`close_gap`); until
-    then, or for the rest of the term if something else is there, the point stays. A
-    stale point is safe: the next writer scans more. So the ledger's own contents, not
-    the broker's fencing alone, decide what a takeover starts from."""
+    ledger, or something came in between) leaves a gap, checked by reading what follows
+    the last proven point (:meth:`gap`, :meth:`close_gap`, from a thread the lease
+    thread starts); until then, or for the rest of the term if something else is there,
+    the point stays. A stale point is safe: the next writer scans more. So the ledger's
+    own contents, not the broker's fencing alone, decide what a takeover starts from."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1168,6 +1168,7 @@ class PulsarLogWriter(LogWriter):
         self._closed = False
         self._end: Position | None = None
         self._restart = _RestartChain()
+        self._checking_gap = threading.Event()
         self._stop = threading.Event()
         self._claims_before = watch.claim_count() if watch is not None else 0
         backend._publish_lease("claim", self._token, writer_id, wait=True)
@@ -1191,17 +1192,33 @@ class PulsarLogWriter(LogWriter):
                 return
             self.backend._publish_lease("beat", self._token, self.writer_id, wait=False)
             gap = self._restart.gap()
-            if gap is not None:
-                self._restart.close_gap(self._first_after(gap[0]))
+            if gap is not None and not self._checking_gap.is_set():
+                # In a thread of its own: opening a reader can take up to the operation
+                # timeout while the broker is away, and the heartbeat must not wait.
+                self._checking_gap.set()
+                threading.Thread(
+                    target=self._check_gap,
+                    args=(gap[0],),
+                    name=f"ledgerlog-restart-{self.writer_id}",
+                    daemon=True,
+                ).start()
 
-    def _first_after(self, end: Position) -> Position | None:
-        """Where the ledger's first entry at or after `end` is (None: not known now)."""
+    def _check_gap(self, end: Position) -> None:
+        """Close the restart chain's gap after `end` if the ledger's first entry at or
+        after it is this writer's own (see _RestartChain.close_gap)."""
         try:
+            first: Position | None = None
             with self.backend.reader(end) as reader:
                 entries = reader.read(1, timeout=min(self.backend.operation_timeout, 5.0))
+            if entries:
+                first = entries[0].position
+            self._restart.close_gap(first)
         except (BackendError, ClosedError):
-            return None
-        return entries[0].position if entries else None
+            pass  # asked again at the next heartbeat
+        except Exception:  # a daemon thread: say so, and let the next heartbeat retry
+            self._log.exception("restart point check failed")
+        finally:
+            self._checking_gap.clear()
 
     def _landed(self, sends: _PendingSends) -> None:
         # On the client's I/O thread, in append order (one producer, no batching).
