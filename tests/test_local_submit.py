@@ -4,6 +4,7 @@ transaction is still decided once (embedded backend; tests/../integration covers
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 from test_client import ledger_decisions, open_client
 
 import ledgerlog
@@ -102,6 +105,28 @@ def test_a_standby_client_goes_through_the_intake(tmp_path: Path) -> None:
             spy = counted(second)
             assert all(f.result(10).committed for f in blind_puts(second, "s", 20))
             assert spy.batches >= 1
+
+
+def test_a_new_writer_logs_what_recovering_the_ledgers_end_cost(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    with open_client(path, "first") as first:
+        hosting(first)
+        assert all(f.result(10).committed for f in blind_puts(first, "a", 20))
+    # ledgerlog keeps its info events quiet unless the application configures logging.
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with structlog.testing.capture_logs() as logs, open_client(path, "second") as second:
+            hosting(second)
+    finally:
+        structlog.configure(**saved)
+    recovered = [e for e in logs if e["event"] == "ledger end recovered"]
+    assert len(recovered) == 1, logs
+    # The file backend's restart point is the newest segment's start (here the new
+    # term's own, so nothing to scan); the state is the first term's end all the same.
+    assert recovered[0]["next_seq"] == 21
+    assert recovered[0]["entries_scanned"] >= 0 and recovered[0]["seconds"] >= 0
+    assert recovered[0]["scanned_from"]
 
 
 @pytest.mark.parametrize("landed", [False, True], ids=["lost", "landed"])

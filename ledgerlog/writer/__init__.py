@@ -189,8 +189,10 @@ class Writer:
     # Term -------------------------------------------------------------------------------
 
     def _recover(self, lw: LogWriter) -> SequencerState:
+        started = time.monotonic()
         position, raw_state = lw.recovery_point()
         state = SequencerState.from_bytes(raw_state) if raw_state else SequencerState()
+        scanned = 0
         with self.backend.reader(position) as reader:
             while True:
                 entries = reader.read(4096, timeout=0.0)
@@ -198,6 +200,15 @@ class Writer:
                     break
                 for e in entries:
                     state.advance(e.data)
+                scanned += len(entries)
+            # What a takeover cost, for whoever wonders why one was slow.
+            self._log.info(
+                "ledger end recovered",
+                scanned_from=str(position),
+                entries_scanned=scanned,
+                seconds=round(time.monotonic() - started, 3),
+                next_seq=state.next_seq,
+            )
             epoch = state.epoch + 1
             hlc = HLC(state.hlc)
             # The state after our epoch start is not known until we have read through it
