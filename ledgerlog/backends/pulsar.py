@@ -121,10 +121,11 @@ position with the sequencer state valid there, and :meth:`PulsarLogWriter.recove
 reads the newest message's: the next writer scans only what follows it (in practice the
 last append or two). The writer advances that point only as far as the ledger proves it:
 past its own appends that land one right after the other from its epoch start, and
-across a BookKeeper ledger rollover once its lease thread has read that its own entry is
-the next one after the last proven (see ``_RestartChain``). A message without the
-property (an older writer's, or anything unreadable) means a scan from the start, as
-before; a point that is merely old means a longer scan, never a wrong state.
+across a BookKeeper ledger rollover once a check started by its lease thread has read
+that its own entry is the next one after the last proven (see ``_RestartChain``). A
+message without the property (an older writer's, or anything unreadable) means a scan
+from the start, as before; a point that is merely old means a longer scan, never a wrong
+state.
 
 **Known costs.** Only the last record of an append carries the intake position, so if
 an append landed only in part, the next writer resumes from the previous position and
@@ -335,7 +336,7 @@ class _RestartChain:
                     self._end = end
                     if state:
                         self._set((end, state))
-                elif self._gap is None and adjacent:
+                elif adjacent:  # (no gap is pending while the chain has an end)
                     self._gap = (self._end, first)
                     self._unproven = (end, state) if state else None
                     self._unproven_end = end
@@ -1252,12 +1253,10 @@ class PulsarLogWriter(LogWriter):
     # LogWriter -----------------------------------------------------------------------------
 
     def recovery_point(self) -> tuple[Position, bytes | None]:
+        # Where the scan starts is logged by the writer, with what it cost.
         point = self.backend._newest_restart_point()
         self._restart.start(point)
-        if point is None:
-            return START, None
-        self._log.info("scanning from the restart point", position=str(point[0]))
-        return point
+        return (START, None) if point is None else point
 
     def check(self) -> None:
         if self._closed:
